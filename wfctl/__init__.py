@@ -1,0 +1,1 @@
+"""wfctl: the command-line client of wfd."""

@@ -1,0 +1,3 @@
+from wfctl.cli import main
+
+raise SystemExit(main())

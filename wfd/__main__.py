@@ -1,0 +1,3 @@
+from wfd.daemon import main
+
+raise SystemExit(main())

@@ -1,0 +1,174 @@
+"""The events of a run's log: frozen schema, one Struct per type.
+
+Every line of `events.jsonl` is one of these, encoded as a JSON object whose
+`type` field is the tag. These Structs are a file format (see docs/events.md):
+a field, once released, never changes its type or meaning; a new field gets a
+default so that older logs stay readable; a new event type gets a new tag.
+`RunCreated.format` says which version of this format wrote the log.
+
+Starting an attempt is two events (SPEC 3): `AttemptClaimed` takes the attempt
+number and is durable before anything is spawned, so a number is never reused
+even after a crash right after the spawn; `AttemptStarted` records the
+leader's pid, start time and boot id once it runs, so that a later daemon can
+prove a process is that attempt's before it signals it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Union
+
+import msgspec
+
+LOG_FORMAT = 1
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_defaults=True):
+    """Common fields: `seq` counts 1, 2, 3, ... per run without gaps; `ts` is UTC RFC 3339."""
+
+    seq: int
+    ts: str
+
+
+class RunCreated(Event, tag=True, kw_only=True):
+    """First event of every run: it exists, owned by `owner_uid`; its workflow: workflow.json."""
+
+    format: int = LOG_FORMAT
+    run_id: str
+    name: str
+    owner: str
+    owner_uid: int
+
+
+class StepReady(Event, tag=True, kw_only=True):
+    """PENDING -> READY: every dependency SUCCEEDED."""
+
+    step: str
+
+
+class AttemptClaimed(Event, tag=True, kw_only=True):
+    """READY -> RUNNING: attempt number `attempt` is taken; durable before the spawn."""
+
+    step: str
+    attempt: int
+
+
+class AttemptStarted(Event, tag=True, kw_only=True):
+    """The attempt's leader runs: pid, psutil create_time and boot id identify it later."""
+
+    step: str
+    attempt: int
+    pid: int
+    start_time: float
+    boot_id: str
+
+
+class AttemptSucceeded(Event, tag=True, kw_only=True):
+    """RUNNING -> SUCCEEDED: the leader exited 0 and its whole tree is gone."""
+
+    step: str
+    attempt: int
+
+
+class AttemptFailed(Event, tag=True, kw_only=True):
+    """RUNNING -> RETRY_WAIT: the attempt failed and a retry is due at `retry_at`."""
+
+    step: str
+    attempt: int
+    exit_code: int | None = None
+    error: str | None = None
+    retry_at: str
+
+
+class StepFailed(Event, tag=True, kw_only=True):
+    """RUNNING -> FAILED: the attempt failed and no retry remains."""
+
+    step: str
+    attempt: int
+    exit_code: int | None = None
+    error: str | None = None
+
+
+class AttemptInterrupted(Event, tag=True, kw_only=True):
+    """RUNNING -> READY: a daemon stop or crash ended the attempt; no retry is used up."""
+
+    step: str
+    attempt: int
+    reason: str
+
+
+class RetryDue(Event, tag=True, kw_only=True):
+    """RETRY_WAIT -> READY at the recorded `retry_at`."""
+
+    step: str
+
+
+class StepSkipped(Event, tag=True, kw_only=True):
+    """PENDING -> SKIPPED: `cause` is the FAILED step upstream of it."""
+
+    step: str
+    cause: str
+
+
+class RunCancelRequested(Event, tag=True, kw_only=True):
+    """Cancel asked: no new attempt starts; running trees are killed."""
+
+
+class StepCancelled(Event, tag=True, kw_only=True):
+    """Any non-terminal state -> CANCELLED; `attempt` set when a running attempt was killed."""
+
+    step: str
+    attempt: int | None = None
+    exit_code: int | None = None
+
+
+class RunFinished(Event, tag=True, kw_only=True):
+    """The run is over: `state` is SUCCEEDED, FAILED or CANCELLED."""
+
+    state: str
+
+
+class RunResumed(Event, tag=True, kw_only=True):
+    """FAILED or CANCELLED run -> RUNNING: its FAILED, SKIPPED and CANCELLED steps
+    go back to PENDING with a fresh retry budget; attempt numbers go on."""
+
+
+AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
+    RunCreated,
+    StepReady,
+    AttemptClaimed,
+    AttemptStarted,
+    AttemptSucceeded,
+    AttemptFailed,
+    StepFailed,
+    AttemptInterrupted,
+    RetryDue,
+    StepSkipped,
+    RunCancelRequested,
+    StepCancelled,
+    RunFinished,
+    RunResumed,
+]
+
+EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+
+# Built once: typed decoders are the fast path of recovery and replay.
+json_decoder = msgspec.json.Decoder(AnyEvent)
+json_encoder = msgspec.json.Encoder()
+
+
+def encode_line(event: Event) -> bytes:
+    """One log line, newline included."""
+    return json_encoder.encode(event) + b"\n"
+
+
+def format_ts(epoch: float) -> str:
+    """UTC RFC 3339 with microseconds, always: `2026-11-25T09:58:52.123456Z`."""
+    moment = _dt.datetime.fromtimestamp(epoch, _dt.timezone.utc)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_ts(ts: str) -> float:
+    """Inverse of `format_ts` (also accepts other RFC 3339 forms); epoch seconds."""
+    text = ts[:-1] + "+00:00" if ts.endswith("Z") else ts
+    return _dt.datetime.fromisoformat(text).timestamp()

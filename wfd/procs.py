@@ -1,0 +1,462 @@
+"""Processes: spawn an attempt, know its whole tree, kill it, reap everything.
+
+The local executor behind the daemon (docs/design.md, "Executors"): `start`
+an attempt, `kill` it, and learn how it ended through `on_end`, called once per
+attempt when its leader has exited *and* its whole tree is gone.
+
+Which processes are an attempt's
+--------------------------------
+The daemon is a child subreaper, so everything a step starts stays below it,
+also after a middle process dies. Each leader starts a session of its own
+(`setsid`), and every step process carries the marks `WFD_RUN_ID`,
+`WFD_STEP_ID` and `WFD_ATTEMPT` in its environment. A process is an attempt's
+when it is below the daemon and either is in the leader's session (the session
+id stays reserved while any member lives, so it cannot name a stranger) or
+carries that attempt's marks, all present and non-empty. After a daemon crash
+the old steps are no longer below us: then a process is the attempt's when it
+is the recorded leader (same pid, same start time, same boot) or carries the
+marks, and so are its descendants. Nothing else is ever signalled, and every
+signal goes through psutil, which checks the pid was not reused.
+
+One reaper
+----------
+Only `reap` waits for children: it collects every exited child, leaders (whose
+status is the attempt's outcome) and the orphans the subreaper inherits alike.
+Popen objects are disarmed right after the spawn so that subprocess' own
+clean-up never steals a leader's status.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+import psutil
+
+log = logging.getLogger("wfd")
+
+MARK_RUN = "WFD_RUN_ID"
+MARK_STEP = "WFD_STEP_ID"
+MARK_ATTEMPT = "WFD_ATTEMPT"
+PR_SET_CHILD_SUBREAPER = 36
+POLL = 0.02  # seconds between checks while a tree is dying; only during kills
+START_TIME_TOLERANCE = 0.05  # create_time is in clock ticks; allow for float rounding
+
+
+def boot_id() -> str:
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = boot_id()
+
+
+def become_subreaper() -> bool:
+    """Make orphaned descendants reparent to us instead of to init."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+class AttemptKey(NamedTuple):
+    run_id: str
+    step: str
+    attempt: int
+
+    def marks(self) -> tuple[str, str, str]:
+        return (self.run_id, self.step, str(self.attempt))
+
+
+class UserIds(NamedTuple):
+    """Whom a step runs as when that is not the daemon's own user."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+@dataclass
+class AttemptSpec:
+    """Everything needed to start one attempt; built by the daemon from the run's files."""
+
+    key: AttemptKey
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log_fd: int
+    umask: int
+    kill_grace: float
+    user: UserIds | None = None
+
+
+class StartInfo(NamedTuple):
+    pid: int
+    start_time: float
+    boot_id: str
+
+
+class StartFailed(Exception):
+    """The attempt could not start (missing program, bad cwd): the reason, one line."""
+
+
+def read_marks(proc: psutil.Process) -> tuple[str, str, str] | None:
+    """The three marks if all are present and non-empty, else None: an absent mark
+    must never match an absent mark."""
+    try:
+        env = proc.environ()
+    except (psutil.Error, OSError):
+        return None
+    marks = (env.get(MARK_RUN, ""), env.get(MARK_STEP, ""), env.get(MARK_ATTEMPT, ""))
+    return marks if all(marks) else None
+
+
+class ProcInfo(NamedTuple):
+    ppid: int
+    sid: int
+
+
+def proc_table() -> dict[int, ProcInfo]:
+    """ppid and session id of every process, from one pass over /proc/*/stat."""
+    table: dict[int, ProcInfo] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                data = f.read()
+        except OSError:
+            continue
+        fields = data[data.rfind(b")") + 2:].split()
+        table[int(name)] = ProcInfo(int(fields[1]), int(fields[3]))
+    return table
+
+
+def descendants(table: dict[int, ProcInfo], root: int) -> list[int]:
+    """Every process below `root` in `table`, iteratively (trees can be deep)."""
+    children: dict[int, list[int]] = {}
+    for pid, info in table.items():
+        children.setdefault(info.ppid, []).append(pid)
+    found: list[int] = []
+    stack = list(children.get(root, ()))
+    while stack:
+        pid = stack.pop()
+        found.append(pid)
+        stack.extend(children.get(pid, ()))
+    return found
+
+
+def alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    """Those still running; a zombie counts as gone (its reaper may not be us)."""
+    result = []
+    for proc in procs:
+        try:
+            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                result.append(proc)
+        except psutil.Error:
+            pass
+    return result
+
+
+def send(procs: Iterable[psutil.Process], sig: int) -> None:
+    for proc in procs:
+        try:
+            proc.send_signal(sig)  # psutil refuses if the pid was reused
+        except psutil.Error:
+            pass
+
+
+def spawn(spec: AttemptSpec) -> StartInfo:
+    """Start the leader in a session of its own, output straight to its log file."""
+    kwargs: dict = {
+        "stdin": subprocess.DEVNULL,
+        "stdout": spec.log_fd,
+        "stderr": spec.log_fd,
+        "env": spec.env,
+        "start_new_session": True,
+        "umask": spec.umask,
+        "close_fds": True,
+    }
+    if spec.user is None:
+        kwargs["cwd"] = spec.cwd
+    else:
+        # subprocess changes directory while still root; enter it as the user instead.
+        cwd = spec.cwd
+        kwargs.update(
+            user=spec.user.uid, group=spec.user.gid, extra_groups=list(spec.user.groups),
+            preexec_fn=lambda: os.chdir(cwd),
+        )
+    try:
+        popen = subprocess.Popen(spec.argv, **kwargs)
+    except subprocess.SubprocessError:
+        raise StartFailed(f"cannot enter {spec.cwd!r} as uid {spec.user.uid}") from None
+    except OSError as exc:
+        raise StartFailed(_os_error_text(exc)) from None
+    # Disarm: our reaper owns this pid's exit status (see "One reaper").
+    popen.returncode = 0
+    try:
+        start_time = psutil.Process(popen.pid).create_time()
+    except psutil.Error:
+        start_time = 0.0  # already gone; the reaper will see its status
+    return StartInfo(popen.pid, start_time, BOOT_ID)
+
+
+def _os_error_text(exc: OSError) -> str:
+    text = exc.strerror or str(exc)
+    if exc.filename is not None:
+        text += f": {exc.filename}"
+    return text
+
+
+@dataclass
+class _Attempt:
+    key: AttemptKey
+    pid: int
+    grace: float
+    status: int | None = None  # the leader's wait status, once reaped
+    kill_reason: str | None = None
+    killing: asyncio.Task | None = None
+    extra: list[psutil.Process] = field(default_factory=list)
+
+
+class LocalExecutor:
+    """Runs attempts as local process trees; calls `on_end(key, exit_code, kill_reason)`
+    once per attempt, after its leader exited and every process of it is gone."""
+
+    def __init__(self, on_end: Callable[[AttemptKey, int | None, str | None], None]) -> None:
+        self.on_end = on_end
+        self.attempts: dict[AttemptKey, _Attempt] = {}
+        self.by_pid: dict[int, _Attempt] = {}
+        self._settle_scheduled = False
+        self._exited: list[_Attempt] = []
+        self.pid = os.getpid()
+
+    def install(self, loop: asyncio.AbstractEventLoop) -> None:
+        become_subreaper()
+        loop.add_signal_handler(signal.SIGCHLD, self.reap)
+        self.loop = loop
+
+    # -- start ---------------------------------------------------------------------
+
+    def start(self, spec: AttemptSpec) -> StartInfo:
+        info = spawn(spec)
+        attempt = _Attempt(spec.key, info.pid, spec.kill_grace)
+        self.attempts[spec.key] = attempt
+        self.by_pid[info.pid] = attempt
+        self.reap()  # it may have exited before we registered it
+        return info
+
+    @property
+    def running(self) -> int:
+        return len(self.attempts)
+
+    # -- reaping ------------------------------------------------------------------
+
+    def reap(self) -> None:
+        """Collect every exited child: leaders' statuses are kept, orphans discarded."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return
+            if pid == 0:
+                return
+            attempt = self.by_pid.pop(pid, None)
+            if attempt is not None:
+                attempt.status = status
+                self._exited.append(attempt)
+                self._schedule_settle()
+
+    def _schedule_settle(self) -> None:
+        if not self._settle_scheduled:
+            self._settle_scheduled = True
+            self.loop.call_soon(self._settle)
+
+    def _settle(self) -> None:
+        """Attempts whose leader exited: end them, or first kill what they left behind.
+        One scan of /proc serves every attempt that ended since the last call."""
+        self._settle_scheduled = False
+        exited, self._exited = self._exited, []
+        pending = [a for a in exited if a.killing is None]
+        for attempt in exited:
+            if attempt.killing is not None:
+                continue  # its kill task finishes it
+        if not pending:
+            return
+        left = self._leftovers([a.key for a in pending])
+        for attempt in pending:
+            procs = left.get(attempt.key)
+            if procs:
+                log.info("%s: killing %d process(es) left behind", _name(attempt.key), len(procs))
+                attempt.extra = procs
+                attempt.killing = asyncio.ensure_future(self._terminate(attempt))
+            else:
+                self._finish(attempt)
+
+    def _finish(self, attempt: _Attempt) -> None:
+        self.attempts.pop(attempt.key, None)
+        status = attempt.status
+        code = None if status is None else _exit_code(status)
+        self.on_end(attempt.key, code, attempt.kill_reason)
+
+    # -- finding a tree ------------------------------------------------------------
+
+    def _owner_of(self, table: dict[int, ProcInfo], pid: int,
+                  sessions: dict[int, AttemptKey]) -> AttemptKey | None:
+        key = sessions.get(table[pid].sid)
+        if key is not None:
+            return key
+        try:
+            marks = read_marks(psutil.Process(pid))
+        except psutil.Error:
+            return None
+        if marks is None:
+            return None
+        for known in self.attempts:
+            if known.marks() == marks:
+                return known
+        return None
+
+    def _leftovers(self, keys: Iterable[AttemptKey]) -> dict[AttemptKey, list[psutil.Process]]:
+        """Processes below the daemon that belong to the attempts `keys`."""
+        wanted = set(keys)
+        table = proc_table()
+        sessions = {a.pid: a.key for a in self.attempts.values()}
+        found: dict[AttemptKey, list[psutil.Process]] = {}
+        for pid in descendants(table, self.pid):
+            key = self._owner_of(table, pid, sessions)
+            if key in wanted:
+                try:
+                    found.setdefault(key, []).append(psutil.Process(pid))
+                except psutil.Error:
+                    pass
+        return found
+
+    def _tree(self, attempt: _Attempt) -> list[psutil.Process]:
+        return self._leftovers([attempt.key]).get(attempt.key, [])
+
+    # -- killing ------------------------------------------------------------------
+
+    def kill(self, key: AttemptKey, reason: str) -> None:
+        """Kill the attempt's whole tree (idempotent); its end comes through on_end."""
+        attempt = self.attempts.get(key)
+        if attempt is None or attempt.killing is not None:
+            return
+        attempt.kill_reason = reason
+        attempt.killing = asyncio.ensure_future(self._terminate(attempt))
+
+    async def _terminate(self, attempt: _Attempt) -> None:
+        """SIGTERM to the whole tree, SIGKILL to what is left after the grace, until
+        nothing of it is left and the leader is reaped."""
+        name = _name(attempt.key)
+        send(self._tree(attempt) + attempt.extra, signal.SIGTERM)
+        deadline = time.monotonic() + attempt.grace
+        while time.monotonic() < deadline:
+            if attempt.status is not None and not alive(self._tree(attempt) + attempt.extra):
+                break
+            await asyncio.sleep(POLL)
+        else:
+            log.warning("%s: still running %g s after SIGTERM, sending SIGKILL", name,
+                        attempt.grace)
+        while True:
+            left = alive(self._tree(attempt) + attempt.extra)
+            if not left and attempt.status is not None:
+                break
+            send(left, signal.SIGKILL)
+            await asyncio.sleep(POLL)
+        self._finish(attempt)
+
+    async def stop_all(self, reason: str) -> None:
+        """Kill every running attempt and wait until all have ended."""
+        for key in list(self.attempts):
+            self.kill(key, reason)
+        tasks = [a.killing for a in self.attempts.values() if a.killing is not None]
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- after a crash: trees of the previous daemon ---------------------------------
+
+    async def clear_stale(self, stale: list[tuple[AttemptKey, int | None, float | None,
+                                                  str | None, float]]) -> None:
+        """Make sure no process of the given attempts of a previous daemon is left.
+
+        Each entry is (key, recorded pid, recorded start time, recorded boot id, grace)."""
+        if not stale:
+            return
+        wanted = {key.marks(): key for key, *_ in stale}
+        found: dict[AttemptKey, list[psutil.Process]] = {}
+        for proc in psutil.process_iter():
+            marks = read_marks(proc)
+            if marks is not None and marks in wanted:
+                found.setdefault(wanted[marks], []).append(proc)
+        for key, pid, start_time, boot, _grace in stale:
+            leader = _verified_leader(pid, start_time, boot)
+            if leader is not None:
+                found.setdefault(key, []).append(leader)
+        groups = {key: _with_descendants(procs) for key, procs in found.items()}
+        graces = {key: grace for key, *_, grace in stale}
+        await asyncio.gather(*(
+            _kill_found(key, procs, graces[key]) for key, procs in groups.items() if procs
+        ))
+
+
+def _verified_leader(pid: int | None, start_time: float | None,
+                     boot: str | None) -> psutil.Process | None:
+    """The recorded leader if it still runs: same pid, start time and boot."""
+    if pid is None or start_time is None or not boot or boot != BOOT_ID:
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if abs(proc.create_time() - start_time) <= START_TIME_TOLERANCE:
+            return proc
+    except psutil.Error:
+        pass
+    return None
+
+
+def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
+    result: dict[int, psutil.Process] = {}
+    for proc in procs:
+        result[proc.pid] = proc
+        try:
+            for child in proc.children(recursive=True):
+                result.setdefault(child.pid, child)
+        except psutil.Error:
+            pass
+    return list(result.values())
+
+
+async def _kill_found(key: AttemptKey, procs: list[psutil.Process], grace: float) -> None:
+    log.info("%s: killing %d process(es) of the previous daemon", _name(key), len(procs))
+    send(procs, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while alive(procs) and time.monotonic() < deadline:
+        await asyncio.sleep(POLL)
+    while True:
+        left = alive(_with_descendants(alive(procs)))
+        if not left:
+            return
+        send(left, signal.SIGKILL)
+        await asyncio.sleep(POLL)
+
+
+def _exit_code(status: int) -> int:
+    if os.WIFSIGNALED(status):
+        return -os.WTERMSIG(status)
+    return os.waitstatus_to_exitcode(status)
+
+
+def _name(key: AttemptKey) -> str:
+    return f"{key.run_id} {key.step}#{key.attempt}"

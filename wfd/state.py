@@ -1,0 +1,507 @@
+"""A run's state is the fold of its events; this module is that fold.
+
+Theory of operation
+-------------------
+Every step moves through one table, `TRANSITIONS`: for a (step state, event
+type) pair it names the next state, and nothing else decides a step's state.
+A pair missing from the table is an illegal transition: `apply` raises
+`IllegalTransition` naming event, state and step *before* it changes anything,
+so a state that saw a bad event is still the state before it. `RunResumed` is
+the one run-wide step event; its per-step mapping is `RESUME`.
+
+Next to the states, a run keeps small indexes that are equally a function of
+the events (which steps are READY and in what order, which are RUNNING, which
+wait for a retry, which PENDING steps have all dependencies SUCCEEDED and need a
+`StepReady`, which are downstream of a FAILED step and need a `StepSkipped`).
+They let the scheduler decide in time proportional to what changed rather than
+to the size of the workflow, and they are rebuilt by the same fold on recovery.
+
+`apply` mutates in place (recovery folds a million events; copying would cost
+more than the rest of it) but is deterministic: the same events give the same
+state, which `fold` builds fresh.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from wfd import events as ev
+from wfd.errors import IllegalTransition
+
+if TYPE_CHECKING:
+    from wfd.workflow import Workflow
+
+PENDING = "PENDING"
+READY = "READY"
+RUNNING = "RUNNING"
+RETRY_WAIT = "RETRY_WAIT"
+SUCCEEDED = "SUCCEEDED"
+FAILED = "FAILED"
+SKIPPED = "SKIPPED"
+CANCELLED = "CANCELLED"
+CORRUPT = "CORRUPT"  # run state only
+
+TERMINAL = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
+RUN_TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+
+TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
+    (PENDING, ev.StepReady): READY,
+    (PENDING, ev.StepSkipped): SKIPPED,
+    (READY, ev.AttemptClaimed): RUNNING,
+    (RUNNING, ev.AttemptStarted): RUNNING,
+    (RUNNING, ev.AttemptSucceeded): SUCCEEDED,
+    (RUNNING, ev.AttemptFailed): RETRY_WAIT,
+    (RUNNING, ev.StepFailed): FAILED,
+    (RUNNING, ev.AttemptInterrupted): READY,
+    (RETRY_WAIT, ev.RetryDue): READY,
+    (PENDING, ev.StepCancelled): CANCELLED,
+    (READY, ev.StepCancelled): CANCELLED,
+    (RUNNING, ev.StepCancelled): CANCELLED,
+    (RETRY_WAIT, ev.StepCancelled): CANCELLED,
+}
+
+# RunResumed: what each step state becomes; a state missing here refuses the resume.
+RESUME: dict[str, str] = {
+    SUCCEEDED: SUCCEEDED,
+    FAILED: PENDING,
+    SKIPPED: PENDING,
+    CANCELLED: PENDING,
+}
+
+
+class StepStatus(msgspec.Struct):
+    """One step in `status --json` (SPEC 5)."""
+
+    state: str
+    attempts: int
+    exit_code: int | None
+    started_at: str | None
+    finished_at: str | None
+    error: str | None
+
+
+class RunStatus(msgspec.Struct):
+    """One run in `status RUN_ID --json` (SPEC 5); `steps` in file order."""
+
+    run_id: str
+    name: str
+    owner: str
+    state: str
+    created_at: str | None
+    finished_at: str | None
+    error: str | None
+    steps: dict[str, StepStatus]
+
+
+class RunSummary(msgspec.Struct):
+    """One run in `status --json` without a run id."""
+
+    run_id: str
+    name: str
+    owner: str
+    state: str
+    created_at: str | None
+    finished_at: str | None
+
+
+class StepRec:
+    """Mutable record of one step inside a `RunState`."""
+
+    __slots__ = (
+        "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
+        "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
+        "attempt_ts", "retry_at_epoch", "deadline",
+    )
+
+    def __init__(self, step_id: str, index: int, waiting: int) -> None:
+        self.id = step_id
+        self.index = index
+        self.state = PENDING
+        self.attempts = 0  # attempt numbers taken so far, never reused
+        self.failures = 0  # failed attempts since the run (re)started: the retry budget used
+        self.exit_code: int | None = None
+        self.started_at: str | None = None
+        self.finished_at: str | None = None
+        self.error: str | None = None
+        self.retry_at: str | None = None
+        self.pid: int | None = None
+        self.start_time: float | None = None
+        self.boot_id: str | None = None
+        self.waiting = waiting  # dependencies not yet SUCCEEDED
+        self.attempt_ts: str | None = None  # when the current attempt was claimed
+        self.retry_at_epoch = 0.0  # retry_at as epoch seconds, for the scheduler
+        self.deadline: float | None = None  # when the running attempt times out
+
+
+class RunState:
+    """Everything known about one run; only `apply` changes it."""
+
+    __slots__ = (
+        "workflow", "run_id", "name", "owner", "owner_uid", "format", "state", "created_at",
+        "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
+        "retry_wait", "promotable", "skippable", "counts",
+    )
+
+    def __init__(self, workflow: Workflow) -> None:
+        self.workflow = workflow
+        self.run_id = ""
+        self.name = workflow.name
+        self.owner = ""
+        self.owner_uid = -1
+        self.format = 0
+        self.state = RUNNING
+        self.created_at: str | None = None
+        self.finished_at: str | None = None
+        self.error: str | None = None
+        self.cancelling = False
+        self.last_seq = 0
+        self.steps: dict[str, StepRec] = {
+            step.id: StepRec(step.id, i, len(workflow.deps[i]))
+            for i, step in enumerate(workflow.steps)
+        }
+        # Insertion-ordered sets (dicts): order is the order steps entered them.
+        self.ready: dict[str, None] = {}
+        self.running: dict[str, None] = {}
+        self.retry_wait: dict[str, None] = {}
+        self.promotable: dict[str, None] = {}
+        self.skippable: dict[str, str] = {}
+        self.counts: dict[str, int] = dict.fromkeys(
+            (PENDING, READY, RUNNING, RETRY_WAIT, *TERMINAL), 0
+        )
+        self.counts[PENDING] = len(self.steps)
+
+    @property
+    def finished(self) -> bool:
+        return self.state in RUN_TERMINAL or self.state == CORRUPT
+
+    def all_terminal(self) -> bool:
+        return sum(self.counts[s] for s in TERMINAL) == len(self.steps)
+
+    def outcome(self) -> str:
+        """The run state its steps call for once all are terminal."""
+        if self.cancelling or self.counts[CANCELLED]:
+            return CANCELLED
+        if self.counts[FAILED] or self.counts[SKIPPED]:
+            return FAILED
+        return SUCCEEDED
+
+
+# ---- apply ------------------------------------------------------------------
+
+
+def _illegal(run: RunState, event: ev.Event, why: str) -> IllegalTransition:
+    return IllegalTransition(
+        f"illegal transition in run {run.run_id or '?'}: event {type(event).__name__} "
+        f"(seq {event.seq}) {why}"
+    )
+
+
+def _step(run: RunState, event: ev.Event) -> StepRec:
+    step_id = event.step  # type: ignore[attr-defined]
+    rec = run.steps.get(step_id)
+    if rec is None:
+        raise _illegal(run, event, f"names unknown step {step_id!r}")
+    return rec
+
+
+def _check_attempt(run: RunState, rec: StepRec, event: ev.Event, expected: int) -> None:
+    attempt = event.attempt  # type: ignore[attr-defined]
+    if attempt != expected:
+        raise _illegal(
+            run, event, f"for step {rec.id!r} names attempt {attempt}, expected {expected}"
+        )
+
+
+def _move(run: RunState, rec: StepRec, new: str) -> None:
+    """Change a step's state and keep the indexes in step with it."""
+    old = rec.state
+    run.counts[old] -= 1
+    run.counts[new] += 1
+    rec.state = new
+    for index, member in ((run.ready, READY), (run.running, RUNNING),
+                          (run.retry_wait, RETRY_WAIT)):
+        if old == member:
+            index.pop(rec.id, None)
+        if new == member:
+            index[rec.id] = None
+    if old == PENDING:
+        run.promotable.pop(rec.id, None)
+        run.skippable.pop(rec.id, None)
+
+
+def _on_succeeded(run: RunState, rec: StepRec) -> None:
+    wf = run.workflow
+    for j in wf.dependents[rec.index]:
+        dep = run.steps[wf.steps[j].id]
+        dep.waiting -= 1
+        if dep.waiting == 0 and dep.state == PENDING and not run.cancelling:
+            run.promotable[dep.id] = None
+
+
+def _on_failed(run: RunState, rec: StepRec) -> None:
+    """Mark every PENDING step downstream of `rec` skippable (iteratively: chains are long)."""
+    wf = run.workflow
+    stack = list(wf.dependents[rec.index])
+    seen: set[int] = set()
+    while stack:
+        j = stack.pop()
+        if j in seen:
+            continue
+        seen.add(j)
+        dep = run.steps[wf.steps[j].id]
+        if dep.state == PENDING:
+            run.skippable.setdefault(dep.id, rec.id)
+            run.promotable.pop(dep.id, None)
+        stack.extend(wf.dependents[j])
+
+
+def _step_event(run: RunState, event: ev.Event) -> None:
+    rec = _step(run, event)
+    new = TRANSITIONS.get((rec.state, type(event)))
+    if new is None:
+        raise _illegal(run, event, f"cannot apply to step {rec.id!r} in state {rec.state}")
+    if run.finished:
+        raise _illegal(run, event, f"after the run finished ({run.state})")
+    kind = type(event)
+    if kind is ev.AttemptClaimed:
+        if run.cancelling:
+            raise _illegal(run, event, "after the run was cancelled")
+        _check_attempt(run, rec, event, rec.attempts + 1)
+    elif kind in _ATTEMPT_EVENTS:
+        _check_attempt(run, rec, event, rec.attempts)
+    elif kind is ev.StepCancelled and event.attempt is not None:  # type: ignore[attr-defined]
+        _check_attempt(run, rec, event, rec.attempts)
+    elif kind is ev.StepReady and rec.waiting:
+        raise _illegal(run, event, f"for step {rec.id!r} with dependencies not SUCCEEDED")
+    _STEP_EFFECTS[kind](run, rec, event)
+    _move(run, rec, new)
+    if new in TERMINAL:
+        rec.finished_at = event.ts
+
+
+_ATTEMPT_EVENTS = frozenset({
+    ev.AttemptStarted, ev.AttemptSucceeded, ev.AttemptFailed, ev.StepFailed,
+    ev.AttemptInterrupted,
+})
+
+
+def _eff_ready(run: RunState, rec: StepRec, event: ev.StepReady) -> None:
+    pass
+
+
+def _eff_claimed(run: RunState, rec: StepRec, event: ev.AttemptClaimed) -> None:
+    rec.attempts = event.attempt
+    rec.attempt_ts = event.ts
+    rec.pid = rec.start_time = rec.boot_id = rec.deadline = None
+    rec.retry_at = None
+    if rec.started_at is None:
+        rec.started_at = event.ts
+
+
+def _eff_started(run: RunState, rec: StepRec, event: ev.AttemptStarted) -> None:
+    timeout = run.workflow.steps[rec.index].timeout
+    rec.deadline = None if timeout is None else ev.parse_ts(event.ts) + timeout
+    rec.pid = event.pid
+    rec.start_time = event.start_time
+    rec.boot_id = event.boot_id
+
+
+def _eff_succeeded(run: RunState, rec: StepRec, event: ev.AttemptSucceeded) -> None:
+    rec.exit_code = 0
+    rec.error = None
+    _on_succeeded(run, rec)
+
+
+def _eff_attempt_failed(run: RunState, rec: StepRec, event: ev.AttemptFailed) -> None:
+    rec.failures += 1
+    rec.exit_code = event.exit_code
+    rec.error = event.error
+    rec.retry_at = event.retry_at
+    rec.retry_at_epoch = ev.parse_ts(event.retry_at)
+
+
+def _eff_step_failed(run: RunState, rec: StepRec, event: ev.StepFailed) -> None:
+    rec.failures += 1
+    rec.exit_code = event.exit_code
+    rec.error = event.error
+    _on_failed(run, rec)
+
+
+def _eff_interrupted(run: RunState, rec: StepRec, event: ev.AttemptInterrupted) -> None:
+    rec.pid = rec.start_time = rec.boot_id = rec.deadline = None
+
+
+def _eff_retry_due(run: RunState, rec: StepRec, event: ev.RetryDue) -> None:
+    rec.retry_at = None
+
+
+def _eff_skipped(run: RunState, rec: StepRec, event: ev.StepSkipped) -> None:
+    rec.error = f"skipped: upstream step {event.cause!r} failed"
+
+
+def _eff_cancelled(run: RunState, rec: StepRec, event: ev.StepCancelled) -> None:
+    if event.attempt is not None:
+        rec.exit_code = event.exit_code
+    rec.error = "cancelled"
+    rec.retry_at = None
+
+
+_STEP_EFFECTS: dict[type[ev.Event], Callable] = {
+    ev.StepReady: _eff_ready,
+    ev.AttemptClaimed: _eff_claimed,
+    ev.AttemptStarted: _eff_started,
+    ev.AttemptSucceeded: _eff_succeeded,
+    ev.AttemptFailed: _eff_attempt_failed,
+    ev.StepFailed: _eff_step_failed,
+    ev.AttemptInterrupted: _eff_interrupted,
+    ev.RetryDue: _eff_retry_due,
+    ev.StepSkipped: _eff_skipped,
+    ev.StepCancelled: _eff_cancelled,
+}
+
+
+def _run_created(run: RunState, event: ev.RunCreated) -> None:
+    if run.last_seq != 0:
+        raise _illegal(run, event, "after the first event")
+    run.run_id = event.run_id
+    run.name = event.name
+    run.owner = event.owner
+    run.owner_uid = event.owner_uid
+    run.format = event.format
+    run.created_at = event.ts
+    for rec in run.steps.values():
+        if rec.waiting == 0:
+            run.promotable[rec.id] = None
+
+
+def _run_cancel(run: RunState, event: ev.RunCancelRequested) -> None:
+    if run.finished or run.cancelling:
+        raise _illegal(run, event, f"in run state {run.state}")
+    run.cancelling = True
+    run.promotable.clear()
+    run.skippable.clear()
+
+
+def _run_finished(run: RunState, event: ev.RunFinished) -> None:
+    if run.finished or not run.all_terminal() or event.state != run.outcome():
+        raise _illegal(
+            run, event,
+            f"with state {event.state} while the run is {run.state} and its steps call for "
+            f"{run.outcome() if run.all_terminal() else 'more work'}",
+        )
+    run.state = event.state
+    run.finished_at = event.ts
+
+
+def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
+    if run.state not in (FAILED, CANCELLED):
+        raise _illegal(run, event, f"in run state {run.state}")
+    for rec in run.steps.values():
+        if rec.state not in RESUME:
+            raise _illegal(run, event, f"with step {rec.id!r} in state {rec.state}")
+    wf = run.workflow
+    for rec in run.steps.values():
+        if rec.state == SUCCEEDED:
+            continue
+        _move(run, rec, PENDING)
+        rec.failures = 0
+        rec.error = None
+        rec.started_at = rec.finished_at = None
+        rec.waiting = sum(
+            run.steps[wf.steps[d].id].state != SUCCEEDED for d in wf.deps[rec.index]
+        )
+        if rec.waiting == 0:
+            run.promotable[rec.id] = None
+    run.state = RUNNING
+    run.cancelling = False
+    run.finished_at = None
+
+
+_RUN_EFFECTS: dict[type[ev.Event], Callable] = {
+    ev.RunCreated: _run_created,
+    ev.RunCancelRequested: _run_cancel,
+    ev.RunFinished: _run_finished,
+    ev.RunResumed: _run_resumed,
+}
+
+
+def apply(run: RunState, event: ev.Event) -> None:
+    """Apply one event, or raise IllegalTransition leaving `run` unchanged."""
+    if event.seq != run.last_seq + 1:
+        raise _illegal(run, event, f"out of sequence: expected seq {run.last_seq + 1}")
+    if run.last_seq == 0 and type(event) is not ev.RunCreated:
+        raise _illegal(run, event, "before RunCreated")
+    effect = _RUN_EFFECTS.get(type(event))
+    if effect is not None:
+        effect(run, event)
+    else:
+        _step_event(run, event)
+    run.last_seq = event.seq
+
+
+def fold(workflow: Workflow, events: Iterable[ev.Event]) -> RunState:
+    """The state a run's events describe, built fresh."""
+    run = RunState(workflow)
+    for event in events:
+        apply(run, event)
+    return run
+
+
+# ---- views ------------------------------------------------------------------
+
+
+def step_status(rec: StepRec) -> StepStatus:
+    return StepStatus(
+        state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
+        started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
+    )
+
+
+def run_status(run: RunState) -> RunStatus:
+    """The `status RUN_ID --json` object of a run."""
+    return RunStatus(
+        run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
+        created_at=run.created_at, finished_at=run.finished_at, error=run.error,
+        steps={rec.id: step_status(rec) for rec in run.steps.values()},
+    )
+
+
+def run_summary(run: RunState) -> RunSummary:
+    return RunSummary(
+        run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
+        created_at=run.created_at, finished_at=run.finished_at,
+    )
+
+
+def describe(event: ev.Event) -> str:
+    """One human line for a transition, used by replay, --follow and the daemon's log."""
+    kind = type(event)
+    text = _DESCRIBE.get(kind)
+    if text is None:
+        return kind.__name__
+    return text(event)
+
+
+_DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
+    ev.RunCreated: lambda e: f"run created ({e.name}, owner {e.owner})",
+    ev.StepReady: lambda e: f"{e.step}: READY",
+    ev.AttemptClaimed: lambda e: f"{e.step}: RUNNING (attempt {e.attempt})",
+    ev.AttemptStarted: lambda e: f"{e.step}: attempt {e.attempt} started, pid {e.pid}",
+    ev.AttemptSucceeded: lambda e: f"{e.step}: SUCCEEDED (attempt {e.attempt})",
+    ev.AttemptFailed: lambda e: (
+        f"{e.step}: RETRY_WAIT (attempt {e.attempt} failed: {e.error}; retry at {e.retry_at})"
+    ),
+    ev.StepFailed: lambda e: f"{e.step}: FAILED (attempt {e.attempt}: {e.error})",
+    ev.AttemptInterrupted: lambda e: (
+        f"{e.step}: READY (attempt {e.attempt} interrupted: {e.reason})"
+    ),
+    ev.RetryDue: lambda e: f"{e.step}: READY (retry due)",
+    ev.StepSkipped: lambda e: f"{e.step}: SKIPPED (upstream {e.cause} failed)",
+    ev.RunCancelRequested: lambda e: "run: cancel requested",
+    ev.StepCancelled: lambda e: f"{e.step}: CANCELLED",
+    ev.RunFinished: lambda e: f"run: {e.state}",
+    ev.RunResumed: lambda e: "run: RUNNING (resumed)",
+}
