@@ -452,12 +452,13 @@ class Engine:
         self.order[run_id] = None
         self.kick()
 
-    def cancel(self, run_id: str) -> None:
+    async def cancel(self, run_id: str) -> None:
+        """Ask for the cancel; `finished` tells when every step process is gone."""
         run = self.runs[run_id]
+        if run_id not in self.order and not run.finished:
+            await self.adopt([run_id], "daemon restarted")  # its old trees die first
         if run.finished or run.cancelling:
             return
-        if run_id not in self.order:
-            raise UsageError(f"run {run_id} is not being run by this daemon; resume it first")
         self.emit(run_id, ev.RunCancelRequested)
         self.kick()
 

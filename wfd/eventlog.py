@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -118,6 +119,10 @@ class Layout:
         write_new_file(run_dir / EVENTS, b"")
         fsync_dir(run_dir)
         fsync_dir(self.runs)
+
+    def remove_run(self, run_id: str) -> None:
+        """Undo a `create_run` that failed half-way (the run was never acknowledged)."""
+        shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
 
     def read_submission(self, run_id: str) -> Submission:
         return _submission_decoder.decode(read_file(self.run_dir(run_id) / WORKFLOW))

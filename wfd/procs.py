@@ -289,10 +289,7 @@ class LocalExecutor:
         One scan of /proc serves every attempt that ended since the last call."""
         self._settle_scheduled = False
         exited, self._exited = self._exited, []
-        pending = [a for a in exited if a.killing is None]
-        for attempt in exited:
-            if attempt.killing is not None:
-                continue  # its kill task finishes it
+        pending = [a for a in exited if a.killing is None]  # a kill task finishes the others
         if not pending:
             return
         left = self._leftovers([a.key for a in pending])
@@ -354,7 +351,8 @@ class LocalExecutor:
         attempt = self.attempts.get(key)
         if attempt is None or attempt.killing is not None:
             return
-        attempt.kill_reason = reason
+        if attempt.status is None:  # a leader that already exited keeps its own outcome
+            attempt.kill_reason = reason
         attempt.killing = asyncio.ensure_future(self._terminate(attempt))
 
     async def _terminate(self, attempt: _Attempt) -> None:

@@ -28,7 +28,7 @@ from wfd import events as ev
 from wfd import protocol as p
 from wfd import state as st
 from wfd.engine import Engine, fold_checked
-from wfd.errors import EXIT_UNREACHABLE, EXIT_USAGE, WfdError
+from wfd.errors import EXIT_UNREACHABLE, EXIT_USAGE, StorageError, WfdError
 from wfd.eventlog import LogRead, read_log, valid_run_id
 from wfd.workflow import STEP_ID_RE
 
@@ -203,7 +203,11 @@ class Server:
             req.workflow, req.source, req.base_dir, req.env, req.umask, peer.uid, peer.gid
         )
         # workflow.json is durable before the first event, the first event before the reply.
-        await asyncio.to_thread(self.engine.layout.create_run, new.run_id, new.sub)
+        try:
+            await asyncio.to_thread(self.engine.layout.create_run, new.run_id, new.sub)
+        except OSError as exc:
+            await asyncio.to_thread(self.engine.layout.remove_run, new.run_id)
+            raise StorageError(f"cannot create run directory: {exc.strerror or exc}") from None
         self.engine.start_run(new)
         await self.engine.flushed()
         await send(p.Submitted(new.run_id))
@@ -226,7 +230,7 @@ class Server:
         if run.finished:
             await send(p.Cancelled(run.state, True))
             return
-        self.engine.cancel(req.run_id)
+        await self.engine.cancel(req.run_id)
         await self.engine.finished(req.run_id)
         await send(p.Cancelled(run.state, False))
 
