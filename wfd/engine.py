@@ -32,7 +32,8 @@ from wfd import scheduler
 from wfd import state as st
 from wfd.errors import IllegalTransition, StorageError, UsageError, WfdError, WorkflowInvalid
 from wfd.eventlog import AppendLog, Layout, LogRead, Submission, read_log
-from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP, AttemptKey, AttemptSpec, StartFailed
+from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, UserIds
+from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.workflow import Workflow, build_workflow, parse_workflow
 
 log = logging.getLogger("wfd")
@@ -121,7 +122,7 @@ class Engine:
         self.sizes: dict[str, int] = {}
         self.storage_error: str | None = None
         self.stopping = False
-        self.executor: Any = None
+        self.executor: Executor = None  # type: ignore[assignment]  # set by the daemon
         self._lines: dict[str, list[bytes]] = {}
         self._events: list[tuple[str, ev.Event]] = []
         self._callbacks: list[Callable[[], None]] = []
@@ -391,12 +392,10 @@ class Engine:
         self.emit(key.run_id, ev.AttemptStarted, step=key.step, attempt=key.attempt,
                   pid=info.pid, start_time=info.start_time, boot_id=info.boot_id)
 
-    def _user_ids(self, sub: Submission) -> Any:
+    def _user_ids(self, sub: Submission) -> UserIds | None:
         """Whom to run as: None for the daemon's own user."""
         if sub.uid == self.uid:
             return None
-        from wfd.procs import UserIds
-
         try:
             entry = pwd.getpwuid(sub.uid)
             groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
@@ -483,7 +482,7 @@ class Engine:
                 rec = run.steps[step_id]
                 grace = run.workflow.steps[rec.index].kill_grace
                 key = AttemptKey(run_id, step_id, rec.attempts)
-                stale.append((key, rec.pid, rec.start_time, rec.boot_id, grace))
+                stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id, grace))
         await self.executor.clear_stale(stale)
         for key, *_ in stale:
             self.emit(key.run_id, ev.AttemptInterrupted, step=key.step, attempt=key.attempt,

@@ -41,6 +41,8 @@ from typing import NamedTuple
 
 import psutil
 
+from wfd.executor import AttemptKey, AttemptSpec, StaleAttempt, StartFailed, StartInfo
+
 log = logging.getLogger("wfd")
 
 MARK_RUN = "WFD_RUN_ID"
@@ -69,47 +71,6 @@ def become_subreaper() -> bool:
         return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
-
-
-class AttemptKey(NamedTuple):
-    run_id: str
-    step: str
-    attempt: int
-
-    def marks(self) -> tuple[str, str, str]:
-        return (self.run_id, self.step, str(self.attempt))
-
-
-class UserIds(NamedTuple):
-    """Whom a step runs as when that is not the daemon's own user."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-
-@dataclass
-class AttemptSpec:
-    """Everything needed to start one attempt; built by the daemon from the run's files."""
-
-    key: AttemptKey
-    argv: list[str]
-    env: dict[str, str]
-    cwd: str
-    log_fd: int
-    umask: int
-    kill_grace: float
-    user: UserIds | None = None
-
-
-class StartInfo(NamedTuple):
-    pid: int
-    start_time: float
-    boot_id: str
-
-
-class StartFailed(Exception):
-    """The attempt could not start (missing program, bad cwd): the reason, one line."""
 
 
 def read_marks(proc: psutil.Process) -> tuple[str, str, str] | None:
@@ -386,11 +347,8 @@ class LocalExecutor:
 
     # -- after a crash: trees of the previous daemon ---------------------------------
 
-    async def clear_stale(self, stale: list[tuple[AttemptKey, int | None, float | None,
-                                                  str | None, float]]) -> None:
-        """Make sure no process of the given attempts of a previous daemon is left.
-
-        Each entry is (key, recorded pid, recorded start time, recorded boot id, grace)."""
+    async def clear_stale(self, stale: list[StaleAttempt]) -> None:
+        """Make sure no process of the given attempts of a previous daemon is left."""
         if not stale:
             return
         wanted = {key.marks(): key for key, *_ in stale}

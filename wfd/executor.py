@@ -1,0 +1,92 @@
+"""The executor interface: start an attempt, kill it, learn how it ended.
+
+The engine drives attempts only through this interface, so that another way
+of running them (a supervising runner per attempt that outlives the daemon, a
+Slurm executor) plugs in without touching the core. `procs.LocalExecutor`
+runs attempts as local process trees.
+
+Contract:
+- `start(spec)` spawns the attempt whose claim is already durable and returns
+  what identifies it later (`StartInfo`, recorded in `AttemptStarted`), or
+  raises `StartFailed` with a one-line reason.
+- `kill(key, reason)` ends the attempt's whole tree; idempotent. `reason` is
+  "timeout", "cancel" or "stop" and comes back with the end.
+- `on_end(key, exit_code, kill_reason)` is called exactly once per started
+  attempt, when it is over: its leader exited and nothing of it is left.
+- `clear_stale(entries)` makes sure nothing of attempts recorded RUNNING by an
+  earlier daemon is left, before they are recorded interrupted.
+- `stop_all(reason)` kills every attempt and returns once all have ended.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple, Protocol
+
+
+class AttemptKey(NamedTuple):
+    run_id: str
+    step: str
+    attempt: int
+
+    def marks(self) -> tuple[str, str, str]:
+        return (self.run_id, self.step, str(self.attempt))
+
+
+class UserIds(NamedTuple):
+    """Whom a step runs as when that is not the daemon's own user."""
+
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+@dataclass
+class AttemptSpec:
+    """Everything needed to start one attempt; built by the daemon from the run's files."""
+
+    key: AttemptKey
+    argv: list[str]
+    env: dict[str, str]
+    cwd: str
+    log_fd: int
+    umask: int
+    kill_grace: float
+    user: UserIds | None = None
+
+
+class StartInfo(NamedTuple):
+    pid: int
+    start_time: float
+    boot_id: str
+
+
+class StartFailed(Exception):
+    """The attempt could not start (missing program, bad cwd): the reason, one line."""
+
+
+
+class StaleAttempt(NamedTuple):
+    """An attempt a previous daemon recorded RUNNING, as its log identifies it."""
+
+    key: AttemptKey
+    pid: int | None
+    start_time: float | None
+    boot_id: str | None
+    kill_grace: float
+
+
+OnEnd = Callable[[AttemptKey, "int | None", "str | None"], None]
+
+
+class Executor(Protocol):
+    running: int
+
+    def start(self, spec: AttemptSpec) -> StartInfo: ...
+
+    def kill(self, key: AttemptKey, reason: str) -> None: ...
+
+    async def clear_stale(self, stale: list[StaleAttempt]) -> None: ...
+
+    async def stop_all(self, reason: str) -> None: ...
