@@ -19,7 +19,6 @@ import fcntl
 import grp
 import logging
 import os
-import resource
 import signal
 import socket
 import sys
@@ -153,16 +152,6 @@ def _chgrp(path: Path, group: str | None, mode: int) -> None:
     os.chmod(path, mode)
 
 
-def raise_fd_limit() -> None:
-    """Many runs mean many open logs; take all the descriptors we may."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard == resource.RLIM_INFINITY or soft < hard:
-        try:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        except (ValueError, OSError):
-            pass
-
-
 class Daemon:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
@@ -191,7 +180,6 @@ class Daemon:
     async def run(self) -> int:
         # A write over RLIMIT_FSIZE must fail with EFBIG, not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-        raise_fd_limit()
         layout = self._prepare_state_dir()
         engine = Engine(layout, self.args.max_parallel, self.system)
         executor = LocalExecutor(engine._attempt_ended)

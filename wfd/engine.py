@@ -264,7 +264,6 @@ class Engine:
         file = self.files.pop(run_id, None)
         if file is not None:
             self.sizes[run_id] = file.size
-            file.close()
 
     # ---- watchers ---------------------------------------------------------------
 

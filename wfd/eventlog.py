@@ -195,37 +195,38 @@ def read_log(path: Path, repair: bool) -> LogRead:
 
 
 class AppendLog:
-    """One run's events.jsonl opened for appending by the single writer.
+    """One run's events.jsonl as the single writer appends to it.
 
-    `size` is the length of the committed prefix: after a failed write the file
-    is cut back to it, so a retry never leaves half a line in the middle."""
+    `size` is the length of the committed prefix: a failed append is cut back to
+    it, so a retry never leaves half a line in the middle. The file is opened per
+    append rather than held open: a thousand active runs must not use a thousand
+    descriptors (and steps must not inherit a raised descriptor limit)."""
 
     def __init__(self, path: Path, size: int) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_WRONLY | _NOFOLLOW)
         self.size = size
         self.dirty = False  # bytes past `size` may be on disk from a failed append
 
     def append(self, data: bytes) -> None:
         """Write and fsync `data` (whole lines) at the committed end; all or nothing."""
+        fd = os.open(self.path, os.O_WRONLY | _NOFOLLOW)
         try:
             if self.dirty:
-                os.ftruncate(self.fd, self.size)
+                os.ftruncate(fd, self.size)
                 self.dirty = False
             written = 0
             while written < len(data):
-                written += os.pwrite(self.fd, data[written:], self.size + written)
-            os.fsync(self.fd)
+                written += os.pwrite(fd, data[written:], self.size + written)
+            os.fsync(fd)
         except OSError:
-            self._cut_back()
+            self._cut_back(fd)
             raise
+        finally:
+            os.close(fd)
         self.size += len(data)
 
-    def _cut_back(self) -> None:
+    def _cut_back(self, fd: int) -> None:
         try:
-            os.ftruncate(self.fd, self.size)
+            os.ftruncate(fd, self.size)
         except OSError:
             self.dirty = True  # the next append truncates before it writes
-
-    def close(self) -> None:
-        os.close(self.fd)
