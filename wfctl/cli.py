@@ -1,0 +1,502 @@
+"""wfctl, the command-line client of wfd (SPEC 5).
+
+Output: `run` writes only the run id to stdout; data a command was asked for
+(status tables and JSON, replay, logs, validate's verdict) goes to stdout;
+every message, progress line and summary goes to stderr.
+
+Exit codes (SPEC 5, named in wfd.errors): 0 ok (`--wait`: SUCCEEDED), 1 run
+FAILED, 2 bad usage or invalid input, 3 daemon unreachable or refusing us,
+4 run CANCELLED, 5 damaged log, 6 storage error; an `Error` reply exits with
+its `code`. Besides: 130 after Ctrl-C (a waiting client detaches, the run goes
+on), 141 when stdout is a closed pipe (`wfctl logs ... | head`), and 70
+(EX_SOFTWARE) for a bug in wfctl, so that a script never mistakes one for
+"the run FAILED". No path prints a traceback.
+
+Start-up is on the critical path of every `wfctl status`: this module imports
+only the stdlib it needs; the socket and protocol code (msgspec) load when a
+command needs the daemon, the workflow parser only for validate and run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from wfd.errors import (
+    EXIT_CANCELLED,
+    EXIT_CORRUPT,
+    EXIT_OK,
+    EXIT_RUN_FAILED,
+    EXIT_USAGE,
+    UsageError,
+    WfdError,
+)
+
+if TYPE_CHECKING:
+    from wfctl.conn import Connection
+    from wfd.state import RunStatus
+
+EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool would die with
+RECONNECT_WAIT = 60.0  # a waiting client rides out a daemon restart this long
+
+RUN_EXIT = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_RUN_FAILED,
+            "CANCELLED": EXIT_CANCELLED, "CORRUPT": EXIT_CORRUPT}
+
+
+class _Exit(Exception):
+    """Leave with `code`; whatever had to be said was said already."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def say(line: str) -> None:
+    """One line on stderr; a closed stderr must not turn a result into a crash."""
+    if sys.stderr is None:
+        return
+    try:
+        print(line, file=sys.stderr, flush=True)
+    except (OSError, ValueError):
+        pass
+
+
+def out(line: str) -> None:
+    sys.stdout.write(line + "\n")
+
+
+def out_bytes(data: bytes) -> None:
+    sys.stdout.flush()  # keep order with anything written through the text layer
+    sys.stdout.buffer.write(data)
+    sys.stdout.buffer.flush()
+
+
+# ---- arguments ------------------------------------------------------------------
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Help formatter that finds the terminal width without importing shutil: argparse
+    builds formatters on every add_argument, so this is on the path of every command."""
+
+    def __init__(self, prog: str, **kwargs: int) -> None:
+        if kwargs.get("width") is None:
+            kwargs["width"] = _columns() - 2
+        super().__init__(prog, **kwargs)  # type: ignore[arg-type]
+
+
+def _columns() -> int:
+    try:
+        return int(os.environ["COLUMNS"])
+    except (KeyError, ValueError):
+        pass
+    try:
+        return os.get_terminal_size(sys.__stdout__.fileno()).columns  # type: ignore[union-attr]
+    except (AttributeError, ValueError, OSError):
+        return 80
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage in one line and exits 2 through main."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", _Formatter)
+        kwargs.setdefault("allow_abbrev", False)  # `--fol` is not `--follow` by accident
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        if message.startswith("argument COMMAND: invalid choice: "):
+            message = "unknown command " + message.split(": ", 2)[2]
+        raise UsageError(f"error: {message} (see wfctl --help)")
+
+    def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
+        if message:
+            say(message.rstrip("\n"))
+        raise _Exit(status)
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an attempt number 1, 2, ..., got {text!r}")
+    return value
+
+
+def _common(parser: argparse.ArgumentParser, top: bool) -> None:
+    """--socket and --no-autostart, accepted before and after the command name."""
+    # Below the command the default is SUPPRESS, so an option given before it survives.
+    default = None if top else argparse.SUPPRESS
+    parser.add_argument("--socket", metavar="PATH", default=default,
+                        help="the daemon's socket (default: $WFD_SOCKET, the user daemon's, "
+                             "then the system daemon's)")
+    parser.add_argument("--no-autostart", action="store_true",
+                        default=False if top else argparse.SUPPRESS,
+                        help="do not start a daemon when none answers "
+                             "(also WFD_NO_AUTOSTART=1)")
+
+
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The full parser; given `argv`, only the command named there gets its arguments
+    (the others keep their one-line help): building all of them costs start-up time."""
+    wanted = None if argv is None else _command_in(argv)
+    parser = _Parser(prog="wfctl", description="Client of wfd, the durable workflow daemon.")
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    _common(parser, top=True)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, help_text, args in _COMMANDS:
+        full = wanted is None or name == wanted
+        cmd = sub.add_parser(name, help=help_text, description=help_text, add_help=full)
+        if full:
+            for flags, kwargs in args:
+                cmd.add_argument(*flags, **kwargs)
+            _common(cmd, top=False)
+    return parser
+
+
+def _command_in(argv: list[str]) -> str | None:
+    """The command name in `argv`: the first word that is not an option or the value
+    of `--socket`. A wrong guess costs nothing: argparse judges the real argv."""
+    words = iter(argv)
+    for word in words:
+        if word == "--socket":
+            next(words, None)
+        elif word == "--":
+            return next(words, None)
+        elif not word.startswith("-"):
+            return word
+    return None
+
+
+_JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
+_RUN_ID = (("run_id",), {"metavar": "RUN_ID"})
+_COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
+    ("validate", "check a workflow file; no daemon needed",
+     [(("file",), {"metavar": "FILE"})]),
+    ("run", "submit a workflow; print its run id",
+     [(("file",), {"metavar": "FILE"}),
+      (("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
+      (("--follow",), {"action": "store_true",
+                       "help": "wait, and show each transition on stderr"})]),
+    ("status", "show one run, or all runs",
+     [(("run_id",), {"metavar": "RUN_ID", "nargs": "?"}), _JSON]),
+    ("cancel", "cancel a run", [_RUN_ID]),
+    ("replay", "re-fold a run's event log and check it", [_RUN_ID, _JSON]),
+    ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID]),
+    ("resume-all", "resume every unfinished run the daemon is not running", []),
+    ("logs", "print a step attempt's output",
+     [_RUN_ID, (("step",), {"metavar": "STEP"}),
+      (("--attempt",), {"metavar": "N", "type": _positive,
+                        "help": "this attempt (default: the latest)"}),
+      (("--follow",), {"action": "store_true", "help": "stream output as it comes"})]),
+    ("shutdown", "stop the daemon as SIGTERM would", []),
+]
+
+
+# ---- shared steps -----------------------------------------------------------------
+
+
+def _connect(args: argparse.Namespace, autostart: bool = True) -> Connection:
+    from wfctl.conn import open_connection
+
+    return open_connection(args.socket, autostart and not args.no_autostart)
+
+
+def load_workflow(path: str) -> tuple[str, int]:
+    """Read and validate a workflow file: its text and number of steps. Problems are
+    reported as `FILE: problem`, one a line, and end the command with exit 2."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    from wfd.errors import WorkflowInvalid
+    from wfd.workflow import parse_workflow
+
+    try:
+        workflow = parse_workflow(data, default_name=_stem(path))
+    except WorkflowInvalid as e:
+        for problem in e.problems:
+            say(f"{path}: {problem}")
+        raise _Exit(EXIT_USAGE) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:  # the parser should have said so; never send mojibake
+        raise UsageError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
+    return text, len(workflow.steps)
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _print_json(obj: object) -> None:
+    import msgspec
+
+    out_bytes(msgspec.json.format(msgspec.json.encode(obj), indent=2) + b"\n")
+
+
+def _event_line(event: object) -> str:
+    from wfctl.render import local_time
+    from wfd.state import describe
+
+    return f"{local_time(event.ts, '%H:%M:%S')} {describe(event)}"  # type: ignore[attr-defined]
+
+
+# ---- commands ---------------------------------------------------------------------
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    _, steps = load_workflow(args.file)
+    out(f"{args.file}: ok ({steps} step{'' if steps == 1 else 's'})")
+    return EXIT_OK
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    text, _ = load_workflow(args.file)  # before anything is contacted
+    conn = _connect(args)
+    umask = os.umask(0o077)  # reading the umask means setting it; put it back at once
+    os.umask(umask)
+    submit = protocol.Submit(
+        workflow=text, source=os.path.basename(args.file),
+        base_dir=os.path.dirname(os.path.abspath(args.file)),
+        env=dict(os.environ), umask=umask,
+    )
+    run_id = conn.call(submit, protocol.Submitted).run_id  # type: ignore[attr-defined]
+    out(run_id)
+    sys.stdout.flush()  # a script reading the id must get it now, not at exit
+    if not (args.wait or args.follow):
+        return EXIT_OK
+    try:
+        status = watch(conn, run_id, args.follow)
+    except KeyboardInterrupt:
+        say(f"wfctl: detached; run {run_id} goes on")
+        return EXIT_INTERRUPTED
+    return _ended(status, args.follow)
+
+
+def watch(conn: Connection, run_id: str, follow: bool) -> RunStatus:
+    """Watch the run to its end, printing transitions if `follow`; on a lost connection
+    reconnect (the daemon may be restarting) and go on after the last seq seen."""
+    from wfctl.conn import Lost, expect, reconnect
+    from wfd import protocol
+
+    last = 0
+    while True:
+        try:
+            conn.send(protocol.Watch(run_id=run_id, after_seq=last))
+            while True:
+                reply = conn.recv()
+                if isinstance(reply, protocol.RunEnded):
+                    return reply.status
+                for event in expect(reply, protocol.Progress, conn.path).events:
+                    if event.seq > last:  # a resent event after a reconnect is not news
+                        last = event.seq
+                        if follow:
+                            say(_event_line(event))
+        except Lost as e:
+            conn.close()
+            say(f"wfctl: {e.message}; reconnecting (run {run_id} goes on)")
+            conn = reconnect(conn.path, RECONNECT_WAIT)
+
+
+def _ended(status: RunStatus, follow: bool) -> int:
+    from wfctl.render import run_lines, summary_line
+
+    if follow:
+        for line in run_lines(status, None):
+            say(line)
+    say(summary_line(status))
+    code = RUN_EXIT.get(status.state)
+    if code is None:
+        from wfctl.conn import BadReply
+
+        raise BadReply("wfd", f"the run ended in state {status.state}")
+    return code
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import time
+
+    from wfctl import render
+    from wfd import protocol
+
+    conn = _connect(args)
+    if args.run_id:
+        status = conn.call(protocol.Status(run_id=args.run_id), protocol.RunInfo).status
+        lines = None if args.json else render.run_lines(status, time.time())
+        shown: object = status
+    else:
+        runs = conn.call(protocol.Status(), protocol.RunList).runs  # type: ignore[attr-defined]
+        if not runs and not args.json:
+            say("no runs")
+            return EXIT_OK
+        lines = None if args.json else render.runs_lines(runs, time.time())
+        shown = runs
+    if lines is None:
+        _print_json(shown)
+    else:
+        out("\n".join(lines))
+    return EXIT_OK
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    reply = _connect(args).call(protocol.Cancel(run_id=args.run_id), protocol.Cancelled)
+    if reply.was_finished:  # type: ignore[attr-defined]
+        say(f"run {args.run_id} already finished: {reply.state}")  # type: ignore[attr-defined]
+    else:
+        say(f"run {args.run_id} cancelled")
+    return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from wfctl.render import run_lines
+    from wfd import protocol
+
+    reply = _connect(args).call(protocol.Replay(run_id=args.run_id), protocol.Replayed)
+    if args.json:
+        # Same log, same bytes: lines keep their stored key order, state is a Struct.
+        _print_json({"events": [_line_object(line) for line in reply.lines],
+                     "state": reply.status})
+    else:
+        text = list(reply.transitions)
+        if reply.status is not None:
+            text += ["", *run_lines(reply.status, None)]  # no clock: replay is of the log
+        if text:
+            out("\n".join(text))
+    sys.stdout.flush()
+    for problem in reply.problems:
+        say(f"wfctl: {problem}")
+    if reply.torn_tail:
+        say(f"wfctl: note: {reply.torn_tail}")
+    return EXIT_CORRUPT if reply.problems else EXIT_OK
+
+
+def _line_object(line: str) -> object:
+    """A log line as its JSON object; a damaged line (also named in `problems`) as the
+    string it is, so that nothing is silently left out."""
+    import msgspec
+
+    try:
+        value = msgspec.json.decode(line)
+    except msgspec.DecodeError:
+        return line
+    return value if isinstance(value, dict) else line
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    request = protocol.Resume(run_id=args.run_id)
+    return _report_resumed(_connect(args).call(request, protocol.Resumed).run_ids)
+
+
+def cmd_resume_all(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    return _report_resumed(_connect(args).call(protocol.ResumeAll(), protocol.Resumed).run_ids)
+
+
+def _report_resumed(run_ids: list[str]) -> int:
+    for run_id in run_ids:
+        say(f"run {run_id} resumed")
+    if not run_ids:
+        say("no runs to resume")
+    return EXIT_OK
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from wfctl.conn import expect
+    from wfd import protocol
+
+    request = protocol.Logs(run_id=args.run_id, step=args.step,
+                            attempt=args.attempt, follow=args.follow)
+    conn = _connect(args)
+    shown = None
+    sink = sys.stdout.buffer
+    for reply in conn.stream(request):
+        if isinstance(reply, protocol.LogEnd):
+            break
+        chunk = expect(reply, protocol.LogData, conn.path)
+        if shown is not None and chunk.attempt != shown:  # type: ignore[attr-defined]
+            # --follow went on to the next attempt: say so where it cannot mix with output
+            say(f"wfctl: attempt {chunk.attempt} of {args.step}")  # type: ignore[attr-defined]
+        shown = chunk.attempt  # type: ignore[attr-defined]
+        sink.write(chunk.data)  # type: ignore[attr-defined]
+        sink.flush()
+    return EXIT_OK
+
+
+def cmd_shutdown(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    # Starting a daemon only to stop it helps nobody.
+    _connect(args, autostart=False).call(protocol.Shutdown(), protocol.Ok)
+    say("wfd stopping")
+    return EXIT_OK
+
+
+HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "validate": cmd_validate, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
+    "replay": cmd_replay, "resume": cmd_resume, "resume-all": cmd_resume_all,
+    "logs": cmd_logs, "shutdown": cmd_shutdown,
+}
+
+
+# ---- entry point -------------------------------------------------------------------
+
+
+def _dispatch(argv: list[str]) -> int:
+    args = build_parser(argv).parse_args(argv)
+    if args.version:
+        from wfd import __version__
+        from wfd.protocol import PROTOCOL
+
+        out(f"wfctl {__version__} (protocol {PROTOCOL})")
+        return EXIT_OK
+    if args.command is None:
+        raise UsageError("error: no command given (see wfctl --help)")
+    return HANDLERS[args.command](args)
+
+
+def _silence_stdout() -> None:
+    """stdout is a closed pipe: point it at /dev/null so the flush at exit is quiet too."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one wfctl command; returns the exit code and never raises (but SystemExit)."""
+    try:
+        code = _dispatch(sys.argv[1:] if argv is None else list(argv))
+        sys.stdout.flush()
+        return code
+    except _Exit as e:
+        return e.code
+    except WfdError as e:
+        say(f"wfctl: {e.message}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        say("")  # end the line the terminal's ^C left open
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Socket errors arrive wrapped (wfctl.conn.Lost), so this is stdout or stderr.
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+    except Exception as e:  # a bug: one line, no traceback, an exit code of its own
+        say(f"wfctl: internal error: {type(e).__name__}: {e}")
+        return EXIT_INTERNAL

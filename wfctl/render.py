@@ -1,0 +1,114 @@
+"""Human-readable text for wfctl: tables of runs and steps, times and durations.
+
+Pure functions from the protocol's status views to lines; `now` is passed in,
+so the output of a given status at a given moment is fixed (and testable).
+Times are shown in local time, durations rounded for the eye.
+"""
+
+from __future__ import annotations
+
+import time
+
+from wfd.events import parse_ts
+from wfd.state import RUNNING, RunStatus, RunSummary
+
+
+def local_time(ts: str | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """An RFC 3339 UTC time as local time; `-` when unknown."""
+    if not ts:
+        return "-"
+    try:
+        return time.strftime(fmt, time.localtime(parse_ts(ts)))
+    except ValueError:
+        return ts  # shown as stored rather than hidden
+
+
+def duration(seconds: float) -> str:
+    """`0.4s`, `12.3s`, `3m04s`, `2h05m`, `3d04h`: short, and sortable by eye."""
+    seconds = max(0.0, seconds)
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60}m{whole % 60:02d}s"
+    if whole < 86400:
+        return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
+    return f"{whole // 86400}d{whole % 86400 // 3600:02d}h"
+
+
+def span(start: str | None, end: str | None, now: float | None, running: bool) -> str:
+    """Duration from `start` to `end`, or to `now` while still running; `-` if unknown
+    (also while running when `now` is None, as for a replayed log)."""
+    if not start:
+        return "-"
+    try:
+        if end:
+            return duration(parse_ts(end) - parse_ts(start))
+        if running and now is not None:
+            return duration(now - parse_ts(start))
+    except ValueError:
+        pass
+    return "-"
+
+
+def table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """Left-aligned columns two spaces apart; the last column is not padded."""
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
+    lines = []
+    for row in [header, *rows]:
+        cells = [cell.ljust(w) for cell, w in zip(row[:-1], widths, strict=True)] + [row[-1]]
+        lines.append("  ".join(cells).rstrip())
+    return lines
+
+
+def _one_line(text: str | None) -> str:
+    return "-" if not text else " ".join(text.split())
+
+
+def run_lines(status: RunStatus, now: float | None) -> list[str]:
+    """A run's header line, its error if any, and a table of its steps; `now` as in `span`."""
+    head = (
+        f"run {status.run_id}  {status.name}  {status.state}  owner {status.owner}  "
+        f"created {local_time(status.created_at)}"
+    )
+    if status.finished_at:
+        took = span(status.created_at, status.finished_at, now, False)
+        head += f"  finished {local_time(status.finished_at)} ({took})"
+    lines = [head]
+    if status.error:
+        lines.append(f"error: {status.error}")
+    rows = [
+        [
+            step_id, step.state, str(step.attempts),
+            "-" if step.exit_code is None else str(step.exit_code),
+            span(step.started_at, step.finished_at, now, step.state == RUNNING),
+            _one_line(step.error),
+        ]
+        for step_id, step in status.steps.items()
+    ]
+    if rows:
+        lines += table(["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR"], rows)
+    return lines
+
+
+def runs_lines(runs: list[RunSummary], now: float | None) -> list[str]:
+    """A table of runs, oldest first as the daemon sends them."""
+    rows = [
+        [
+            run.run_id, run.name, run.state, run.owner, local_time(run.created_at),
+            span(run.created_at, run.finished_at, now, run.state == RUNNING),
+        ]
+        for run in runs
+    ]
+    return table(["RUN_ID", "NAME", "STATE", "OWNER", "CREATED", "DURATION"], rows)
+
+
+def summary_line(status: RunStatus) -> str:
+    """One line for the end of `run --wait`: state, and which steps did not succeed."""
+    line = f"run {status.run_id} {status.state}"
+    if status.error:
+        line += f": {status.error}"
+    failed = [sid for sid, step in status.steps.items() if step.state == "FAILED"]
+    if failed:
+        line += f" (failed: {', '.join(failed)})"
+    return line
