@@ -158,9 +158,13 @@ def parse_log(data: bytes) -> LogRead:
         )
     body = data[:end]
     try:
-        result.events = ev.json_decoder.decode_lines(body)
-        result.lines = body.splitlines()
+        events = ev.json_decoder.decode_lines(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
+        events = None
+    lines = body.splitlines()
+    if events is not None and len(events) == len(lines):
+        result.events, result.lines = events, lines
+    else:  # a damaged line, or a blank one (decode_lines skips those without a word)
         _parse_line_by_line(body, result)
     return result
 

@@ -95,7 +95,8 @@ def _housekeeping(run: RunState, now: float, decision: Decision) -> None:
         add(Emit(run.run_id, ev.StepSkipped, {"step": step_id, "cause": cause}))
     for step_id in run.promotable:
         add(Emit(run.run_id, ev.StepReady, {"step": step_id}))
-    for step_id in run.retry_wait:
+    # Cancelling: `_cancel` has recorded the waiting steps CANCELLED; no retry is due.
+    for step_id in () if run.cancelling else run.retry_wait:
         at = run.steps[step_id].retry_at_epoch
         if at <= now:
             add(Emit(run.run_id, ev.RetryDue, {"step": step_id}))
