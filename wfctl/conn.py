@@ -28,7 +28,8 @@ import msgspec
 from wfd import protocol
 from wfd.errors import EXIT_UNREACHABLE, WfdError
 
-HELLO_TIMEOUT = 2.0  # connect + Hello; a live daemon answers in milliseconds
+HELLO_TIMEOUT = 8.0  # connect + Hello: a live daemon answers in ms, a starting one (socket
+# activation, recovery of many runs) may take seconds before it accepts
 AUTOSTART_WAIT = 10.0  # SPEC 5
 AFTER_EXIT_WAIT = 2.0  # an autostarted daemon that exited may have lost a race to another
 HINT = "(start it with `wfd` or `systemctl start wfd`)"
