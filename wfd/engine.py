@@ -42,7 +42,7 @@ log = logging.getLogger("wfd")
 DAEMON_ONLY = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", MARK_RUN, MARK_STEP,
                MARK_ATTEMPT)
 DAEMON_ONLY_PREFIXES = ("LISTEN_", "WATCHDOG_")
-PASSWD_VARS = ("HOME", "USER", "LOGNAME", "SHELL")
+STOP_FLUSH_WAIT = 5.0  # seconds a stop waits for a failing disk before giving up
 
 
 def owner_name(uid: int) -> str:
@@ -70,20 +70,21 @@ def default_name(source: str) -> str:
 
 
 def step_env(sub: Submission, wf: Workflow, index: int, key: AttemptKey) -> dict[str, str]:
-    """Client env, then workflow env, then defaults.env and the step's env, then the marks;
-    variables meant for the daemon removed; passwd fields of the owner win."""
+    """Client env (variables meant for the daemon removed, the owner's passwd fields
+    winning over the client's), then workflow env, then defaults.env and the step's env,
+    then the marks."""
     env = {
         k: v for k, v in sub.env.items()
         if k not in DAEMON_ONLY and not k.startswith(DAEMON_ONLY_PREFIXES)
     }
-    env.update(wf.env)
-    env.update(wf.steps[index].env)
     try:
         entry = pwd.getpwuid(sub.uid)
         env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name,
                    SHELL=entry.pw_shell or "/bin/sh")
     except KeyError:
         pass
+    env.update(wf.env)
+    env.update(wf.steps[index].env)
     env[MARK_RUN], env[MARK_STEP], env[MARK_ATTEMPT] = key.marks()
     return env
 
@@ -392,15 +393,16 @@ class Engine:
                   pid=info.pid, start_time=info.start_time, boot_id=info.boot_id)
 
     def _user_ids(self, sub: Submission) -> UserIds | None:
-        """Whom to run as: None for the daemon's own user."""
+        """Whom to run as: None for the daemon's own user. The primary gid and the groups
+        come from the group database, as at login (not the client's effective gid)."""
         if sub.uid == self.uid:
             return None
         try:
             entry = pwd.getpwuid(sub.uid)
-            groups = tuple(os.getgrouplist(entry.pw_name, entry.pw_gid))
+            return UserIds(sub.uid, entry.pw_gid,
+                           tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
         except KeyError:
-            groups = (sub.gid,)
-        return UserIds(sub.uid, sub.gid, groups)
+            return UserIds(sub.uid, sub.gid, (sub.gid,))
 
     def _attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
                        start_error: str | None = None) -> None:
@@ -491,11 +493,22 @@ class Engine:
         self.kick()
 
     async def stop(self) -> None:
-        """Kill every running tree, record the attempts as interrupted, flush."""
+        """Kill every running tree, record the attempts as interrupted, flush.
+
+        If events cannot be persisted, give up on them after STOP_FLUSH_WAIT: the next
+        start folds the log as it is, finds those attempts RUNNING and interrupts them
+        itself, so nothing is lost but the wait."""
         self.stopping = True
         await self.executor.stop_all("stop")
         for _ in range(3):  # claims whose spawn was still pending end in the next commit
-            await self.flushed()
+            flushed = asyncio.ensure_future(self.flushed())
+            while not flushed.done():
+                await asyncio.wait([flushed], timeout=STOP_FLUSH_WAIT)
+                if not flushed.done() and self.storage_error is not None:
+                    flushed.cancel()
+                    log.error("stopping with events not persisted (%s); the next start "
+                              "recovers from the log as it is", self.storage_error)
+                    return
 
     def active_runs(self) -> int:
         return len(self.order)
@@ -505,11 +518,11 @@ def fold_checked(wf: Workflow, read: LogRead) -> tuple[st.RunState, str | None]:
     """Fold a parsed log; a damaged line or an illegal transition is the problem found,
     with the state as far as the log is good."""
     run = st.RunState(wf)
-    for event in read.events:
+    for number, event in enumerate(read.events, start=1):  # one event per line
         try:
             st.apply(run, event)
         except IllegalTransition as exc:
-            return run, exc.message
+            return run, f"line {number}: {exc.message}"
     return run, read.problem
 
 

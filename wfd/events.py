@@ -30,10 +30,10 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, tag_field="type", omit_de
     ts: str
 
 
-class RunCreated(Event, tag=True, kw_only=True):
+class RunCreated(Event, tag=True, kw_only=True, omit_defaults=False):
     """First event of every run: it exists, owned by `owner_uid`; its workflow: workflow.json."""
 
-    format: int = LOG_FORMAT
+    format: int = LOG_FORMAT  # always written: this class does not omit defaults
     run_id: str
     name: str
     owner: str

@@ -32,6 +32,7 @@ import asyncio
 import ctypes
 import logging
 import os
+import pwd
 import signal
 import subprocess
 import time
@@ -150,21 +151,46 @@ def spawn(spec: AttemptSpec) -> StartInfo:
         "umask": spec.umask,
         "close_fds": True,
     }
+    why_r = why_w = -1
     if spec.user is None:
         kwargs["cwd"] = spec.cwd
     else:
-        # subprocess changes directory while still root; enter it as the user instead.
+        # subprocess changes directory while still root; enter it as the user instead:
+        # preexec_fn runs after setgroups/setgid/setuid. subprocess reports only that
+        # preexec_fn failed, so the child writes why to a pipe (close-on-exec) first.
+        why_r, why_w = os.pipe()
         cwd = spec.cwd
+
+        def enter_cwd() -> None:
+            try:
+                os.chdir(cwd)
+            except OSError as exc:
+                os.write(why_w, (exc.strerror or type(exc).__name__).encode()[:200])
+                raise
+
         kwargs.update(
             user=spec.user.uid, group=spec.user.gid, extra_groups=list(spec.user.groups),
-            preexec_fn=lambda: os.chdir(cwd),
+            preexec_fn=enter_cwd,
         )
     try:
         popen = subprocess.Popen(spec.argv, **kwargs)
     except subprocess.SubprocessError:
-        raise StartFailed(f"cannot enter {spec.cwd!r} as uid {spec.user.uid}") from None
+        why = ""
+        if why_r >= 0:
+            os.close(why_w)  # the child's copy is gone: read to the end of what it said
+            why_w = -1
+            why = os.read(why_r, 512).decode(errors="replace")
+        user = spec.user.uid if spec.user is not None else os.getuid()
+        raise StartFailed(f"cannot enter {spec.cwd} as {_user_name(user)}: "
+                          f"{why or 'failed before exec'}") from None
     except OSError as exc:
         raise StartFailed(_os_error_text(exc)) from None
+    except ValueError as exc:  # an embedded NUL the checks upstream should have refused
+        raise StartFailed(str(exc)) from None
+    finally:
+        for fd in (why_r, why_w):
+            if fd >= 0:
+                os.close(fd)
     # Disarm: our reaper owns this pid's exit status (see "One reaper").
     popen.returncode = 0
     try:
@@ -172,6 +198,13 @@ def spawn(spec: AttemptSpec) -> StartInfo:
     except psutil.Error:
         start_time = 0.0  # already gone; the reaper will see its status
     return StartInfo(popen.pid, start_time, BOOT_ID)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -348,24 +381,67 @@ class LocalExecutor:
     # -- after a crash: trees of the previous daemon ---------------------------------
 
     async def clear_stale(self, stale: list[StaleAttempt]) -> None:
-        """Make sure no process of the given attempts of a previous daemon is left."""
+        """Make sure no process of the given attempts of a previous daemon is left.
+
+        Those are the processes with an attempt's marks, and the recorded leader (same
+        pid, start time and boot), each with its descendants: SIGTERM, then SIGKILL after
+        the step's `kill_grace`. A process may start another while it is being killed
+        (`trap 'cleanup &' TERM`), and once it exits that one is below nothing we know:
+        so the kill is over only when a fresh look for the marks finds nothing left."""
         if not stale:
             return
         wanted = {key.marks(): key for key, *_ in stale}
-        found: dict[AttemptKey, list[psutil.Process]] = {}
-        for proc in psutil.process_iter():
-            marks = read_marks(proc)
-            if marks is not None and marks in wanted:
-                found.setdefault(wanted[marks], []).append(proc)
+        graces = {key: grace for key, *_, grace in stale}
+        known = _find_marked(wanted)
         for key, pid, start_time, boot, _grace in stale:
             leader = _verified_leader(pid, start_time, boot)
             if leader is not None:
-                found.setdefault(key, []).append(leader)
-        groups = {key: _with_descendants(procs) for key, procs in found.items()}
-        graces = {key: grace for key, *_, grace in stale}
-        await asyncio.gather(*(
-            _kill_found(key, procs, graces[key]) for key, procs in groups.items() if procs
-        ))
+                known.setdefault(key, []).append(leader)
+        began = time.monotonic()
+        termed: set[int] = set()
+        told: set[AttemptKey] = set()
+        escalated: set[AttemptKey] = set()
+        while True:
+            left = _alive_trees(known)
+            if not left:  # all we knew of is gone: look again for what started meanwhile
+                left = _alive_trees(_find_marked(wanted))
+                if not left:
+                    return
+            now = time.monotonic()
+            for key, procs in left.items():
+                if key not in told:
+                    told.add(key)
+                    log.info("%s: killing %d process(es) of the previous daemon",
+                             _name(key), len(procs))
+                if now < began + graces[key]:
+                    send([p for p in procs if p.pid not in termed], signal.SIGTERM)
+                    termed.update(p.pid for p in procs)
+                else:
+                    if key not in escalated:
+                        escalated.add(key)
+                        log.warning("%s: still running %g s after SIGTERM, sending SIGKILL",
+                                    _name(key), graces[key])
+                    send(procs, signal.SIGKILL)
+            known = left
+            await asyncio.sleep(POLL)
+
+
+def _find_marked(wanted: dict[tuple[str, str, str], AttemptKey],
+                 ) -> dict[AttemptKey, list[psutil.Process]]:
+    """Every process whose marks are those of one of the `wanted` attempts."""
+    found: dict[AttemptKey, list[psutil.Process]] = {}
+    for proc in psutil.process_iter():
+        marks = read_marks(proc)
+        if marks is not None and marks in wanted:
+            found.setdefault(wanted[marks], []).append(proc)
+    return found
+
+
+def _alive_trees(procs: dict[AttemptKey, list[psutil.Process]],
+                 ) -> dict[AttemptKey, list[psutil.Process]]:
+    """Those of `procs` still running, with their descendants; attempts with none left out."""
+    left = {key: alive(_with_descendants(alive(group))) for key, group in procs.items()}
+    return {key: group for key, group in left.items() if group}
 
 
 def _verified_leader(pid: int | None, start_time: float | None,
@@ -392,20 +468,6 @@ def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return list(result.values())
-
-
-async def _kill_found(key: AttemptKey, procs: list[psutil.Process], grace: float) -> None:
-    log.info("%s: killing %d process(es) of the previous daemon", _name(key), len(procs))
-    send(procs, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while alive(procs) and time.monotonic() < deadline:
-        await asyncio.sleep(POLL)
-    while True:
-        left = alive(_with_descendants(alive(procs)))
-        if not left:
-            return
-        send(left, signal.SIGKILL)
-        await asyncio.sleep(POLL)
 
 
 def _exit_code(status: int) -> int:
