@@ -92,3 +92,23 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
         raise UnsafeDir(f"{path} belongs to uid {info.st_uid}, not to this user")
     if info.st_mode & 0o022:
         raise UnsafeDir(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+
+
+def ensure_group_dir(path: Path, gid: int, mode: int = 0o750) -> None:
+    """A system daemon's socket directory: made `mode` with group `gid` (-1: leave it)
+    if missing, else left as it is; refused if it is not ours or if others could swap
+    the socket in it."""
+    try:
+        path.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        pass
+    else:
+        os.chown(path, -1, gid, follow_symlinks=False)
+        os.chmod(path, mode)
+    info = os.lstat(path)
+    if not stat.S_ISDIR(info.st_mode):
+        raise UnsafeDir(f"{path} is not a directory")
+    if info.st_uid != os.getuid():
+        raise UnsafeDir(f"{path} belongs to uid {info.st_uid}, not to this user")
+    if info.st_mode & 0o022:
+        raise UnsafeDir(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")

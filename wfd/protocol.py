@@ -9,13 +9,19 @@ failing on an unknown tag. Messages are msgspec Structs in two tagged unions,
 
 A request gets one reply, except `Watch` and `Logs`, which get a stream of
 replies ending with `RunEnded` / `LogEnd` (or `Error`).
+
+Versions: the envelope `{v, msg}` never changes. Any change to a message (a
+new field, a new type, a new constraint) bumps `PROTOCOL`: messages forbid
+unknown fields, so peers of different versions must not try to understand
+each other's messages, only to say that they differ. A peer that receives
+another version answers one `Error` in its own version and closes.
 """
 
 from __future__ import annotations
 
 import socket
 import struct
-from typing import Union
+from typing import Annotated, Union
 
 import msgspec
 
@@ -25,6 +31,11 @@ from wfd.state import RunStatus, RunSummary
 PROTOCOL = 1
 MAX_FRAME = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
+
+# Constraints checked when a message is decoded: a value outside them is a bad request.
+NonNegative = Annotated[int, msgspec.Meta(ge=0)]
+Positive = Annotated[int, msgspec.Meta(ge=1)]
+Umask = Annotated[int, msgspec.Meta(ge=0, le=0o777)]
 
 
 class Envelope(msgspec.Struct):
@@ -57,7 +68,7 @@ class Submit(Message):
     source: str
     base_dir: str
     env: dict[str, str]
-    umask: int
+    umask: Umask
 
 
 class Status(Message):
@@ -92,7 +103,7 @@ class Watch(Message):
     """Stream the run's events after `after_seq` as `Progress`, then `RunEnded`."""
 
     run_id: str
-    after_seq: int = 0
+    after_seq: NonNegative = 0
 
 
 class Logs(Message):
@@ -104,9 +115,9 @@ class Logs(Message):
 
     run_id: str
     step: str
-    attempt: int | None = None
+    attempt: Positive | None = None
     follow: bool = False
-    offset: int = 0
+    offset: NonNegative = 0
 
 
 class Shutdown(Message):
@@ -244,18 +255,38 @@ def _open(body: bytes) -> msgspec.Raw:
     return envelope.msg
 
 
+def _decode(decoder: msgspec.msgpack.Decoder, body: bytes) -> Message:
+    try:
+        return decoder.decode(_open(body))
+    except RecursionError:  # msgspec's guard against absurdly deep nesting
+        raise msgspec.DecodeError("MessagePack data is nested too deeply") from None
+
+
 def decode_request(body: bytes) -> Request:
     """Body to request; raises msgspec.DecodeError / ValidationError or VersionMismatch."""
-    return _request_decoder.decode(_open(body))
+    return _decode(_request_decoder, body)  # type: ignore[return-value]
 
 
 def decode_reply(body: bytes) -> Reply:
     """Body to reply; raises msgspec.DecodeError / ValidationError or VersionMismatch."""
-    return _reply_decoder.decode(_open(body))
+    return _decode(_reply_decoder, body)  # type: ignore[return-value]
+
+
+def peer_name(body: bytes) -> str:
+    """What a peer of another version calls itself (Hello's `client`), for messages;
+    "client" when that cannot be read. Never raises."""
+    try:
+        msg = msgspec.msgpack.decode(_envelope_decoder.decode(body).msg)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return "client"
+    name = msg.get("client") if isinstance(msg, dict) else None
+    if isinstance(name, str) and name.isidentifier() and len(name) <= 32:
+        return name
+    return "client"
 
 
 def frame_length(header: bytes) -> int:
-    """The body length a 4-byte header announces; ProtocolError-worthy if over MAX_FRAME."""
+    """The body length a 4-byte header announces (the caller checks it against MAX_FRAME)."""
     (length,) = HEADER.unpack(header)
     return length
 
