@@ -6,7 +6,9 @@ The loop, in order:
 3. bind the socket (or take it from systemd) and start serving;
 4. resume unfinished runs: kill what is left of their old attempts, record
    those attempts as interrupted, and drive the runs again;
-5. tell systemd READY=1, then run until SIGTERM/SIGINT or `wfctl shutdown`;
+5. tell systemd READY=1 once the resumed runs' next attempts are recorded and
+   started (or STATUS= says why events cannot be persisted), then run until
+   SIGTERM/SIGINT or `wfctl shutdown`;
 6. stop: no new connections, kill every step tree, record the attempts as
    interrupted, flush, exit 0.
 """
@@ -34,6 +36,7 @@ from wfd.server import Server
 log = logging.getLogger("wfd")
 
 EXIT_OK = 0
+STATUS_DEBOUNCE = 0.25  # seconds between STATUS= updates while runs change
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 
@@ -114,7 +117,7 @@ def bind_socket(path: Path, system: bool, group: str | None) -> socket.socket:
     parent = path.parent
     try:
         if system:
-            _make_group_dir(parent, group)
+            paths.ensure_group_dir(parent, _gid(group))
         else:
             paths.ensure_private_dir(parent)
     except (OSError, paths.UnsafeDir) as exc:
@@ -124,7 +127,9 @@ def bind_socket(path: Path, system: bool, group: str | None) -> socket.socket:
             raise StartupError(f"a daemon already answers on {path}; not taking it over")
         path.unlink()
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)  # no window in which the socket is open to others
+    # The socket has its mode from the start: no window in which it is open to others,
+    # and no chmod that a swapped-in symlink could redirect.
+    old = os.umask(0o117 if system else 0o177)
     try:
         sock.bind(str(path))
     except OSError as exc:
@@ -132,24 +137,17 @@ def bind_socket(path: Path, system: bool, group: str | None) -> socket.socket:
     finally:
         os.umask(old)
     if system:
-        _chgrp(path, group, 0o660)
+        os.chown(path, -1, _gid(group), follow_symlinks=False)
     sock.listen(512)
     return sock
 
 
-def _make_group_dir(parent: Path, group: str | None) -> None:
-    if not parent.exists():
-        parent.mkdir(mode=0o750, parents=True)
-        _chgrp(parent, group, 0o750)
-
-
-def _chgrp(path: Path, group: str | None, mode: int) -> None:
+def _gid(group: str | None) -> int:
+    """The socket group's gid; -1 (leave it) if there is none."""
     try:
-        gid = grp.getgrnam(group).gr_gid if group else -1
+        return grp.getgrnam(group).gr_gid if group else -1
     except KeyError:
-        gid = -1
-    os.chown(path, -1, gid)
-    os.chmod(path, mode)
+        return -1
 
 
 class Daemon:
@@ -198,15 +196,16 @@ class Daemon:
                  "socket from systemd" if inherited else self.socket_path, self.state_dir)
         if unfinished and not self.args.no_resume:
             log.info("resuming %d unfinished run(s)", len(unfinished))
+            self._extend_timeout_for_kills(engine)  # their old trees get their kill_grace
             await engine.adopt(unfinished, "daemon restarted")
-            await engine.flushed()
-        sd.ready(f"{engine.active_runs()} active run(s)")
+            await self._settled(engine)
+        sd.ready(_with_storage_error(engine, f"{engine.active_runs()} active run(s)"))
         watchdog = asyncio.create_task(self._status_loop(engine))
         await self.stop_requested.wait()
         log.info("stopping: terminating running steps")
         sd.stopping()
         listener.close()
-        self._extend_stop_timeout(engine)
+        self._extend_timeout_for_kills(engine)
         await engine.stop()
         watchdog.cancel()
         committer.cancel()
@@ -215,7 +214,28 @@ class Daemon:
         log.info("stopped")
         return EXIT_OK
 
-    def _extend_stop_timeout(self, engine: Engine) -> None:
+    async def _settled(self, engine: Engine) -> None:
+        """Wait until what resuming set off is durable and done, so that READY=1 means
+        the runs run again: the interruptions, the claims of the next attempts, and
+        their spawns, each recorded in a commit after the one it depends on. Stop
+        waiting when events cannot be persisted (the engine retries; READY=1 then says
+        why in STATUS=, rather than systemd killing a daemon that never got ready) or
+        when a stop is asked for."""
+        async def three_commits() -> None:
+            for _ in range(3):
+                await engine.flushed()
+
+        commits = asyncio.ensure_future(three_commits())
+        while not commits.done():
+            if engine.storage_error is not None or self.stop_requested.is_set():
+                commits.cancel()
+                return
+            await asyncio.wait({commits}, timeout=0.1)
+
+    def _extend_timeout_for_kills(self, engine: Engine) -> None:
+        """EXTEND_TIMEOUT_USEC= for the longest kill_grace of the running (or, at
+        startup, left-over) attempts, so TimeoutStartSec/TimeoutStopSec do not cut
+        it short."""
         graces = [
             run.workflow.steps[run.steps[s].index].kill_grace
             for run in engine.runs.values() for s in run.running
@@ -224,16 +244,31 @@ class Daemon:
             sd.extend_timeout(max(graces) + 10)
 
     async def _status_loop(self, engine: Engine) -> None:
+        """STATUS= soon after transitions (at most every STATUS_DEBOUNCE s) and WATCHDOG=1
+        pings from the loop itself, so that a stuck loop is what the watchdog catches."""
         interval = sd.watchdog_interval()
+        changed = asyncio.Event()
+        engine.on_transition = lambda run_id, event: changed.set()
+        period = min(interval or 5.0, 5.0)
         while True:
-            sd.status(f"{engine.active_runs()} active run(s), "
-                      f"{engine.executor.running} step(s) running")
+            changed.clear()
+            sd.status(_with_storage_error(engine, f"{engine.active_runs()} active run(s), "
+                                              f"{engine.executor.running} step(s) running"))
             if interval is not None:
                 sd.watchdog_ping()
-            await asyncio.sleep(min(interval or 5.0, 5.0))
+            try:
+                await asyncio.wait_for(changed.wait(), period)
+                await asyncio.sleep(STATUS_DEBOUNCE)
+            except asyncio.TimeoutError:
+                pass
 
     def _remove_socket(self) -> None:
         try:
             self.socket_path.unlink()
         except OSError:
             pass
+
+
+def _with_storage_error(engine: Engine, text: str) -> str:
+    """STATUS= text for `systemctl status wfd`: the storage error first, while there is one."""
+    return f"{engine.storage_error}; {text}" if engine.storage_error else text
