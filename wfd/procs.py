@@ -51,6 +51,7 @@ MARK_STEP = "WFD_STEP_ID"
 MARK_ATTEMPT = "WFD_ATTEMPT"
 PR_SET_CHILD_SUBREAPER = 36
 POLL = 0.02  # seconds between checks while a tree is dying; only during kills
+WINDOW_AGE = 0.25  # attempts younger than this are scanned from their leader's pid up
 START_TIME_TOLERANCE = 0.05  # create_time is in clock ticks; allow for float rounding
 
 
@@ -90,11 +91,21 @@ class ProcInfo(NamedTuple):
     sid: int
 
 
-def proc_table() -> dict[int, ProcInfo]:
-    """ppid and session id of every process, from one pass over /proc/*/stat."""
+def last_pid() -> int:
+    """The pid the kernel handed out last (in our pid namespace), or -1 if unknown."""
+    try:
+        with open("/proc/sys/kernel/ns_last_pid", "rb") as f:
+            return int(f.read())
+    except (OSError, ValueError):
+        return -1
+
+
+def proc_table(floor: int = 0) -> dict[int, ProcInfo]:
+    """ppid and session id of every process with a pid >= `floor`, from one pass over
+    /proc/*/stat (the stat files are the cost; skipping old pids saves most of it)."""
     table: dict[int, ProcInfo] = {}
     for name in os.listdir("/proc"):
-        if not name.isdigit():
+        if not name.isdigit() or int(name) < floor:
             continue
         try:
             with open(f"/proc/{name}/stat", "rb") as f:
@@ -223,6 +234,7 @@ class _Attempt:
     kill_reason: str | None = None
     killing: asyncio.Task | None = None
     extra: list[psutil.Process] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
 
 
 class LocalExecutor:
@@ -320,10 +332,24 @@ class LocalExecutor:
                 return known
         return None
 
+    def _scan_floor(self, attempts: Iterable[_Attempt]) -> int:
+        """The lowest pid that can belong to `attempts`: every process of an attempt, and
+        every process between it and the daemon, was created after its leader, so has a
+        higher pid, unless pids wrapped since. A wrap shows as a last pid below the
+        leader's; a full wrap round takes longer than WINDOW_AGE, so older attempts get
+        a full scan."""
+        now = time.monotonic()
+        floor = min((a.pid for a in attempts), default=0)
+        if any(now - a.started > WINDOW_AGE for a in attempts) or last_pid() < floor:
+            return 0
+        return floor
+
     def _leftovers(self, keys: Iterable[AttemptKey]) -> dict[AttemptKey, list[psutil.Process]]:
         """Processes below the daemon that belong to the attempts `keys`."""
         wanted = set(keys)
-        table = proc_table()
+        table = proc_table(self._scan_floor(
+            self.attempts[k] for k in wanted if k in self.attempts
+        ))
         sessions = {a.pid: a.key for a in self.attempts.values()}
         found: dict[AttemptKey, list[psutil.Process]] = {}
         for pid in descendants(table, self.pid):
