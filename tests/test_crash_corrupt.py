@@ -136,3 +136,30 @@ def test_damaged_workflow_json_of_a_finished_run(daemon, wfd_tmp: Path, damage: 
     assert status["state"] == "CORRUPT" and "workflow.json" in status["error"], status
     other = d.submit(wf, "--wait")
     assert run_json(d, other)["state"] == "SUCCEEDED"
+
+
+def test_a_finished_run_damaged_in_the_middle_shows_corrupt_in_the_list(
+    daemon, wfd_tmp: Path
+) -> None:
+    """Finished runs are folded in the background after the start: a damaged one is
+    listed CORRUPT soon, without anyone asking for that run by id."""
+    wf = write_workflow(wfd_tmp, {"name": "done", "steps": [
+        {"id": "a", "command": "true"}, {"id": "b", "command": "true", "depends_on": ["a"]},
+    ]})
+    d = daemon()
+    damaged, intact = d.submit(wf, "--wait"), d.submit(wf, "--wait")
+    assert d.stop() == 0
+    path = events_path(d, damaged)
+    lines = path.read_bytes().splitlines(keepends=True)
+    assert b'"RunFinished"' in lines[-1]
+    path.write_bytes(b"".join(DAMAGES["garbage"](lines, DAMAGED_LINE)))
+
+    d.start()
+
+    def listed() -> dict[str, str]:
+        return {r["run_id"]: r["state"] for r in run_json(d)}
+
+    wait_until(lambda: listed()[damaged] == "CORRUPT", timeout=15,
+               message="the damaged finished run to be listed CORRUPT")
+    assert listed()[intact] == "SUCCEEDED"
+    assert f"line {DAMAGED_LINE}" in run_json(d, damaged)["error"]

@@ -200,6 +200,7 @@ class Daemon:
             await engine.adopt(unfinished, "daemon restarted")
             await self._settled(engine)
         sd.ready(_with_storage_error(engine, f"{engine.active_runs()} active run(s)"))
+        verifier = asyncio.create_task(engine.verify_stubs())
         watchdog = asyncio.create_task(self._status_loop(engine))
         await self.stop_requested.wait()
         log.info("stopping: terminating running steps")
@@ -208,6 +209,7 @@ class Daemon:
         self._extend_timeout_for_kills(engine)
         await engine.stop()
         watchdog.cancel()
+        verifier.cancel()
         committer.cancel()
         if not inherited:
             self._remove_socket()

@@ -31,7 +31,7 @@ from wfd import events as ev
 from wfd import scheduler
 from wfd import state as st
 from wfd.errors import IllegalTransition, StorageError, UsageError, WfdError, WorkflowInvalid
-from wfd.eventlog import AppendLog, Layout, LogRead, Submission, read_log
+from wfd.eventlog import AppendLog, Layout, LogRead, Submission, read_ends, read_log
 from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, UserIds
 from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.workflow import Workflow, build_workflow, parse_workflow
@@ -103,6 +103,13 @@ def placeholder_workflow(name: str) -> Workflow:
     return build_workflow(name, None, {}, ())
 
 
+class Stub(NamedTuple):
+    """A finished run known by its first and last events, not folded yet."""
+
+    summary: st.RunSummary
+    owner_uid: int
+
+
 class NewRun(NamedTuple):
     run_id: str
     workflow: Workflow
@@ -118,6 +125,7 @@ class Engine:
         self.system = system
         self.uid = os.getuid()
         self.runs: dict[str, st.RunState] = {}
+        self.stubs: dict[str, Stub] = {}
         self.subs: dict[str, Submission] = {}
         self.order: dict[str, None] = {}  # runs driven, least recently started first
         self.files: dict[str, AppendLog] = {}
@@ -142,17 +150,71 @@ class Engine:
     # ---- loading ---------------------------------------------------------------
 
     def load_all(self) -> list[str]:
-        """Fold every run on disk; return the unfinished ones."""
+        """Fold every unfinished run on disk and note the finished ones; return the
+        unfinished ones. A finished run is known at first by its first and last events
+        (a `Stub`): folding a million events of old runs would hold up the start, so
+        they are folded when asked for, and checked in the background (`verify_stubs`)."""
         unfinished = []
         for run_id in self.layout.run_ids():
+            self._last_run_id = max(self._last_run_id, run_id)
+            stub = self._peek(run_id)
+            if stub is not None:
+                self.stubs[run_id] = stub
+                continue
             run = self._load(run_id)
             if run is None:
                 continue
             self.runs[run_id] = run
-            self._last_run_id = max(self._last_run_id, run_id)
             if not run.finished:
                 unfinished.append(run_id)
         return unfinished
+
+    def _peek(self, run_id: str) -> Stub | None:
+        """A Stub if the log's first line is RunCreated and its last RunFinished."""
+        try:
+            ends = read_ends(self.layout.events(run_id))
+        except OSError:
+            return None
+        if ends is None:
+            return None
+        first, last = ends
+        if (type(first) is not ev.RunCreated or type(last) is not ev.RunFinished
+                or first.seq != 1 or first.run_id != run_id):
+            return None
+        summary = st.RunSummary(run_id=run_id, name=first.name, owner=first.owner,
+                                state=last.state, created_at=first.ts, finished_at=last.ts)
+        return Stub(summary, first.owner_uid)
+
+    def run(self, run_id: str) -> st.RunState | None:
+        """The run's state, folding a finished run's log on first use."""
+        run = self.runs.get(run_id)
+        if run is None and self.stubs.pop(run_id, None) is not None:
+            run = self._load(run_id)
+            if run is not None:
+                self.runs[run_id] = run
+        return run
+
+    def summaries(self) -> list[tuple[st.RunSummary, int]]:
+        """Every run's summary and owner uid, oldest first."""
+        items = [(st.run_summary(run), run.owner_uid) for run in self.runs.values()]
+        items += [(stub.summary, stub.owner_uid) for stub in self.stubs.values()]
+        items.sort(key=lambda item: item[0].run_id)
+        return items
+
+    async def verify_stubs(self) -> None:
+        """Fold every finished run once, in the background, so that a damaged log is
+        reported as CORRUPT soon after the start, not only when someone asks for it.
+        A run that folds cleanly stays a Stub (its state is not kept in memory)."""
+        for run_id in list(self.stubs):
+            if run_id not in self.stubs:
+                continue  # folded meanwhile by a request
+            run = await asyncio.to_thread(self._load, run_id)
+            if run_id not in self.stubs:
+                continue
+            if run is None or run.state == st.CORRUPT:
+                del self.stubs[run_id]
+                if run is not None:
+                    self.runs[run_id] = run
 
     def _load(self, run_id: str) -> st.RunState | None:
         try:

@@ -195,6 +195,29 @@ def read_log(path: Path, repair: bool) -> LogRead:
     return result
 
 
+TAIL = 64 * 1024
+
+
+def read_ends(path: Path) -> tuple[ev.Event, ev.Event] | None:
+    """The first and last events of a log, reading only its ends; None when the file
+    is empty, torn, has an overlong last line, or an end does not decode."""
+    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    with os.fdopen(fd, "rb") as f:
+        first = f.readline(TAIL)
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - TAIL))
+        tail = f.read()
+    if not first.endswith(b"\n") or not tail.endswith(b"\n"):
+        return None
+    cut = tail.rfind(b"\n", 0, len(tail) - 1)
+    if cut < 0 and size > len(tail):
+        return None
+    try:
+        return ev.json_decoder.decode(first), ev.json_decoder.decode(tail[cut + 1:])
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
+
+
 # ---- appending ------------------------------------------------------------------
 
 

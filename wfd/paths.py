@@ -85,13 +85,7 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
         path.mkdir(mode=mode, parents=True)
     except FileExistsError:
         pass
-    info = os.lstat(path)
-    if not stat.S_ISDIR(info.st_mode):
-        raise UnsafeDir(f"{path} is not a directory")
-    if info.st_uid != os.getuid():
-        raise UnsafeDir(f"{path} belongs to uid {info.st_uid}, not to this user")
-    if info.st_mode & 0o022:
-        raise UnsafeDir(f"{path} is writable by others (mode {stat.S_IMODE(info.st_mode):o})")
+    check_private(path)
 
 
 def ensure_group_dir(path: Path, gid: int, mode: int = 0o750) -> None:
@@ -105,6 +99,11 @@ def ensure_group_dir(path: Path, gid: int, mode: int = 0o750) -> None:
     else:
         os.chown(path, -1, gid, follow_symlinks=False)
         os.chmod(path, mode)
+    check_private(path)
+
+
+def check_private(path: Path) -> None:
+    """Refuse a directory that is not ours or that others could write to."""
     info = os.lstat(path)
     if not stat.S_ISDIR(info.st_mode):
         raise UnsafeDir(f"{path} is not a directory")

@@ -434,7 +434,7 @@ class Server:
         """The run, if the peer may see it; another user's run answers like an unknown one."""
         if not valid_run_id(run_id):
             raise Refused(f"malformed run id {_shown(run_id)}")
-        run = self.engine.runs.get(run_id)
+        run = self.engine.run(run_id)
         if run is None or not self.visible(peer, run):
             raise Refused(f"no such run: {run_id}")
         return run
@@ -467,7 +467,8 @@ class Server:
 
     async def status(self, peer: Peer, req: p.Status, send: _Conn) -> None:
         if req.run_id is None:
-            runs = [st.run_summary(r) for r in self.engine.runs.values() if self.visible(peer, r)]
+            runs = [summary for summary, owner_uid in self.engine.summaries()
+                    if peer.root or not self.system or owner_uid == peer.uid]
             await send(p.RunList(runs))
             return
         await send(p.RunInfo(self.status_of(self.run_for(peer, req.run_id))))
