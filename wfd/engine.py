@@ -32,7 +32,15 @@ from wfd import scheduler
 from wfd import state as st
 from wfd.errors import IllegalTransition, StorageError, UsageError, WfdError, WorkflowInvalid
 from wfd.eventlog import AppendLog, Layout, LogRead, Submission, read_ends, read_log
-from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, UserIds
+from wfd.executor import (
+    AttemptKey,
+    AttemptSpec,
+    Executor,
+    StaleAttempt,
+    StartFailed,
+    StartInfo,
+    UserIds,
+)
 from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.workflow import Workflow, build_workflow, parse_workflow
 
@@ -138,6 +146,9 @@ class Engine:
         self._callbacks: list[Callable[[], None]] = []
         self._dirty = asyncio.Event()
         self._lazy: asyncio.TimerHandle | None = None
+        self._opens: list[AttemptKey] = []
+        self._log_fds: dict[AttemptKey, int | OSError] = {}
+        self._unrecorded: dict[AttemptKey, StartInfo] = {}
         self._idle = asyncio.Event()
         self._idle.set()
         self._tick_scheduled = False
@@ -301,7 +312,10 @@ class Engine:
             lines, self._lines = self._lines, {}
             events, self._events = self._events, []
             callbacks, self._callbacks = self._callbacks, []
+            opens, self._opens = self._opens, []
             await self._write(lines)
+            if opens:  # log files of the claims just made durable, opened off the loop
+                self._log_fds.update(await asyncio.to_thread(self._open_logs, opens))
             for run_id, event in events:
                 self._tell_watchers(run_id, event)
             for callback in callbacks:
@@ -334,6 +348,25 @@ class Engine:
         for run_id in list(lines):
             self._file(run_id).append(b"".join(lines[run_id]))
             del lines[run_id]
+
+    def _open_logs(self, keys: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
+        """Runs in a worker thread: each claimed attempt's log file, or why not."""
+        fds: dict[AttemptKey, int | OSError] = {}
+        for key in keys:
+            try:
+                fds[key] = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
+            except OSError as exc:
+                fds[key] = exc
+        return fds
+
+    def _log_fd(self, key: AttemptKey) -> int:
+        """The attempt's log fd, opened by the committer (or here, if it did not)."""
+        fd = self._log_fds.pop(key, None)
+        if isinstance(fd, OSError):
+            raise fd
+        if fd is None:
+            fd = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
+        return fd
 
     def _file(self, run_id: str) -> AppendLog:
         file = self.files.get(run_id)
@@ -440,21 +473,25 @@ class Engine:
         self.emit(key.run_id, ev.AttemptClaimed, step=key.step, attempt=key.attempt)
         self.order.pop(key.run_id, None)
         self.order[key.run_id] = None  # started last: goes to the back of the round
+        self._opens.append(key)
         self.after_commit(lambda: self._spawn(key))
 
     def _spawn(self, key: AttemptKey) -> None:
         """The claim is durable: start the process (unless the run moved on meanwhile)."""
         run = self.runs[key.run_id]
         rec = run.steps[key.step]
-        if rec.state != st.RUNNING or rec.attempts != key.attempt:
-            return
-        if run.cancelling or self.stopping:
-            self._attempt_ended(key, None, "stop" if self.stopping else "cancel")
+        moved_on = rec.state != st.RUNNING or rec.attempts != key.attempt
+        if moved_on or run.cancelling or self.stopping:
+            fd = self._log_fds.pop(key, None)
+            if isinstance(fd, int):
+                os.close(fd)
+            if not moved_on:
+                self._attempt_ended(key, None, "stop" if self.stopping else "cancel")
             return
         sub = self.subs[key.run_id]
         step = run.workflow.steps[rec.index]
         try:
-            log_fd = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
+            log_fd = self._log_fd(key)
         except OSError as exc:
             self._attempt_ended(key, None, None, start_error=f"cannot open log: {exc.strerror}")
             return
@@ -470,8 +507,21 @@ class Engine:
             return
         finally:
             os.close(log_fd)
-        self.emit_lazily(key.run_id, ev.AttemptStarted, step=key.step, attempt=key.attempt,
-                  pid=info.pid, start_time=info.start_time, boot_id=info.boot_id)
+        self._unrecorded[key] = info
+        if len(self._unrecorded) == 1:
+            asyncio.get_running_loop().call_soon(self._record_starts)
+
+    def _record_starts(self) -> None:
+        """AttemptStarted for the attempts spawned in the last loop iteration. Reading a
+        leader's start time waits while it is still in execve, so it is done here, after
+        every spawn of the iteration, rather than right after each one."""
+        while self._unrecorded:
+            key = next(iter(self._unrecorded))  # in the order they were spawned
+            info = self._unrecorded.pop(key)
+            info = self.executor.identify(info)
+            self.emit_lazily(key.run_id, ev.AttemptStarted, step=key.step, attempt=key.attempt,
+                             pid=info.pid, start_time=info.start_time or 0.0,
+                             boot_id=info.boot_id)
 
     def _user_ids(self, sub: Submission) -> UserIds | None:
         """Whom to run as: None for the daemon's own user. The primary gid and the groups
@@ -494,6 +544,8 @@ class Engine:
         rec = run.steps[key.step]
         if rec.state != st.RUNNING or rec.attempts != key.attempt:
             return
+        if key in self._unrecorded:  # AttemptStarted comes before the attempt's end
+            self._record_starts()
         interrupted = "daemon stopped" if kill_reason == "stop" else None
         emit = scheduler.outcome(
             run, key.step, key.attempt, exit_code, now=time.time(), rand=random.random(),

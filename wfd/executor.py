@@ -9,6 +9,8 @@ Contract:
 - `start(spec)` spawns the attempt whose claim is already durable and returns
   what identifies it later (`StartInfo`, recorded in `AttemptStarted`), or
   raises `StartFailed` with a one-line reason.
+- `identify(info)` fills in what `start` left out to return quickly (the
+  leader's start time); the engine calls it off the critical path.
 - `kill(key, reason)` ends the attempt's whole tree; idempotent. `reason` is
   "timeout", "cancel" or "stop" and comes back with the end.
 - `on_end(key, exit_code, kill_reason)` is called exactly once per started
@@ -58,7 +60,7 @@ class AttemptSpec:
 
 class StartInfo(NamedTuple):
     pid: int
-    start_time: float
+    start_time: float | None  # None until `identify`; 0.0 if it ended before that
     boot_id: str
 
 
@@ -84,6 +86,8 @@ class Executor(Protocol):
     running: int
 
     def start(self, spec: AttemptSpec) -> StartInfo: ...
+
+    def identify(self, info: StartInfo) -> StartInfo: ...
 
     def kill(self, key: AttemptKey, reason: str) -> None: ...
 

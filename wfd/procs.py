@@ -204,11 +204,7 @@ def spawn(spec: AttemptSpec) -> StartInfo:
                 os.close(fd)
     # Disarm: our reaper owns this pid's exit status (see "One reaper").
     popen.returncode = 0
-    try:
-        start_time = psutil.Process(popen.pid).create_time()
-    except psutil.Error:
-        start_time = 0.0  # already gone; the reaper will see its status
-    return StartInfo(popen.pid, start_time, BOOT_ID)
+    return StartInfo(popen.pid, None, BOOT_ID)
 
 
 def _user_name(uid: int) -> str:
@@ -263,6 +259,17 @@ class LocalExecutor:
         self.by_pid[info.pid] = attempt
         self.reap()  # it may have exited before we registered it
         return info
+
+    def identify(self, info: StartInfo) -> StartInfo:
+        """`info` with the leader's start time (0.0 once it is gone: nothing to find).
+        Only an unreaped leader is asked: a reaped one's pid may be another process now."""
+        start_time = 0.0
+        if info.pid in self.by_pid:
+            try:
+                start_time = psutil.Process(info.pid).create_time()
+            except psutil.Error:
+                pass
+        return info._replace(start_time=start_time)
 
     @property
     def running(self) -> int:
