@@ -313,9 +313,8 @@ class Engine:
             events, self._events = self._events, []
             callbacks, self._callbacks = self._callbacks, []
             opens, self._opens = self._opens, []
-            await self._write(lines)
-            if opens:  # log files of the claims just made durable, opened off the loop
-                self._log_fds.update(await asyncio.to_thread(self._open_logs, opens))
+            # Log files of the claims just made durable are opened in the same trip.
+            self._log_fds.update(await self._write(lines, opens))
             for run_id, event in events:
                 self._tell_watchers(run_id, event)
             for callback in callbacks:
@@ -327,11 +326,12 @@ class Engine:
                 self._idle.set()
             self.kick()
 
-    async def _write(self, lines: dict[str, list[bytes]]) -> None:
+    async def _write(self, lines: dict[str, list[bytes]],
+                     opens: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
         delay = 0.1
-        while lines:
+        while True:
             try:
-                await asyncio.to_thread(self._write_batch, lines)
+                fds = await asyncio.to_thread(self._write_batch, lines, opens)
             except OSError as exc:
                 if self.storage_error is None:
                     log.error("cannot persist events: %s; retrying", exc)
@@ -342,12 +342,16 @@ class Engine:
             if self.storage_error is not None:
                 log.warning("events persist again")
             self.storage_error = None
+            return fds
 
-    def _write_batch(self, lines: dict[str, list[bytes]]) -> None:
-        """Runs in a worker thread; removes each run from `lines` once it is durable."""
+    def _write_batch(self, lines: dict[str, list[bytes]],
+                     opens: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
+        """Runs in a worker thread; removes each run from `lines` once it is durable,
+        then opens the log files of `opens`."""
         for run_id in list(lines):
             self._file(run_id).append(b"".join(lines[run_id]))
             del lines[run_id]
+        return self._open_logs(opens) if opens else {}
 
     def _open_logs(self, keys: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
         """Runs in a worker thread: each claimed attempt's log file, or why not."""
