@@ -274,3 +274,32 @@ def wait_for_state(daemon: Daemon, run_id: str, *states: str, timeout: float = 3
 
     return wait_until(reached, timeout, interval=0.05,
                       message=f"run {run_id} to reach {' or '.join(states)}")
+
+
+def pid_gone(pid: int) -> bool:
+    """Not running; a zombie counts as gone (PID 1 here may not reap)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def pids_in(path: Path, count: int) -> list[int]:
+    """Wait until `path` holds `count` pids, one a line; those pids."""
+    def enough() -> list[int] | None:
+        try:
+            pids = [int(x) for x in path.read_text().split()]
+        except (OSError, ValueError):
+            return None
+        return pids if len(pids) >= count else None
+
+    return wait_until(enough, 15, message=f"{count} pids in {path}")
+
+
+def replay_events(d: Daemon, run_id: str) -> list[dict]:
+    """The events of `wfctl replay RUN_ID --json`, which must succeed."""
+    done = d.wfctl("replay", run_id, "--json")
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)["events"]

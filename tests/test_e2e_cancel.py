@@ -6,8 +6,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
-from helpers import Daemon, run_json, wait_for_state, wait_until, write_workflow
+from helpers import Daemon, pid_gone, pids_in, run_json, wait_for_state, wait_until, write_workflow
 
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
@@ -24,23 +23,6 @@ sleep 60
 TREE_PIDS = 5
 
 
-def gone(pid: int) -> bool:
-    """Not running; a zombie counts as gone (PID 1 here may not reap)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-
-
-def pids_in(path: Path, count: int) -> list[int]:
-    def enough() -> list[int] | None:
-        try:
-            pids = [int(x) for x in path.read_text().split()]
-        except (OSError, ValueError):
-            return None
-        return pids if len(pids) >= count else None
-
-    return wait_until(enough, 15, message=f"{count} pids in {path}")
 
 
 def step_states(d: Daemon, run_id: str) -> dict[str, str]:
@@ -71,7 +53,7 @@ def test_cancel_kills_trees_and_cancels_every_unfinished_step(
 
     done = d.wfctl("cancel", run_id)
     # when cancel returns, every step process is gone
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     assert done.returncode == 0, done.stderr
     assert done.stdout == ""
     assert "cancelled" in done.stderr

@@ -13,11 +13,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 from helpers import (
     Daemon,
     base_env,
     hello,
+    pid_gone,
+    pids_in,
+    replay_events,
     run_json,
     run_wfctl,
     wait_for_state,
@@ -43,29 +45,7 @@ sleep 60
 TREE_PIDS = 4
 
 
-def gone(pid: int) -> bool:
-    """Not running; a zombie counts as gone (PID 1 here may not reap)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
-
-def pids_in(path: Path, count: int) -> list[int]:
-    def enough() -> list[int] | None:
-        try:
-            pids = [int(x) for x in path.read_text().split()]
-        except (OSError, ValueError):
-            return None
-        return pids if len(pids) >= count else None
-
-    return wait_until(enough, 15, message=f"{count} pids in {path}")
-
-
-def replay_events(d: Daemon, run_id: str) -> list[dict]:
-    done = d.wfctl("replay", run_id, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["events"]
 
 
 def tree_workflow(wfd_tmp: Path, name: str = "wf.json") -> tuple[Path, Path, Path]:
@@ -138,7 +118,7 @@ def test_sigterm_kills_trees_and_the_step_reruns_without_using_a_retry(
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
     assert d.stop() == 0
-    assert [p for p in pids if not gone(p)] == []  # gone by the time the daemon exited
+    assert [p for p in pids if not pid_gone(p)] == []  # gone by the time the daemon exited
     assert not d.socket.exists()
     events = [json.loads(line) for line in
               (d.state_dir / "runs" / run_id / "events.jsonl").read_text().splitlines()]
@@ -163,7 +143,7 @@ def test_sigint_stops_like_sigterm(daemon: Callable[..., Daemon], wfd_tmp: Path)
     pids = pids_in(pids_file, TREE_PIDS)
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(30) == 0
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     d.start()
     assert wait_for_state(d, run_id, *ENDED)["state"] == "SUCCEEDED"
 
@@ -175,11 +155,11 @@ def test_restart_after_a_crash_resumes_the_run(daemon: Callable[..., Daemon],
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
     d.kill()  # SIGKILL: the step's tree outlives the daemon
-    assert [p for p in pids if gone(p)] == []
+    assert [p for p in pids if pid_gone(p)] == []
     d.start()
     final = wait_for_state(d, run_id, *ENDED)
     # the old tree was killed before the new attempt started
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     assert final["state"] == "SUCCEEDED"
     assert final["steps"]["tree"]["attempts"] == 2
     assert counter.read_text() == "x\n"
@@ -201,10 +181,10 @@ def test_cancel_after_a_crash_and_no_resume_kills_the_old_tree(
     d.extra.append("--no-resume")
     d.start()
     assert run_json(d, run_id)["state"] == "RUNNING"
-    assert [p for p in pids if gone(p)] == []  # not picked up: left alone so far
+    assert [p for p in pids if pid_gone(p)] == []  # not picked up: left alone so far
     done = d.wfctl("cancel", run_id)
     assert done.returncode == 0, done.stderr
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     status = run_json(d, run_id)
     assert status["state"] == "CANCELLED"
     assert status["steps"]["tree"]["state"] == "CANCELLED"
@@ -259,7 +239,7 @@ def test_shutdown_command(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
     done = d.wfctl("shutdown")
     assert done.returncode == 0, done.stderr
     assert d.proc.wait(30) == 0
-    assert gone(pid)
+    assert pid_gone(pid)
     assert not d.socket.exists()
     after = d.wfctl("status")
     assert after.returncode == 3 and len(after.stderr.splitlines()) == 1

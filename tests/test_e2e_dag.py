@@ -9,11 +9,10 @@ stamps is a lower bound of the daemon's, so `<= limit` is sound.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from pathlib import Path
 
-from helpers import Daemon, run_json, wait_for_state, write_workflow
+from helpers import Daemon, replay_events, run_json, wait_for_state, write_workflow
 
 
 def stamped(name: str, stamps: Path, sleep: float) -> str:
@@ -41,11 +40,6 @@ def max_overlap(intervals: list[tuple[float, float]]) -> int:
         best = max(best, now)
     return best
 
-
-def replay_events(d: Daemon, run_id: str) -> list[dict]:
-    done = d.wfctl("replay", run_id, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["events"]
 
 
 def seq_of(events: list[dict], type_: str, step: str) -> int:

@@ -3,45 +3,28 @@ daemon (SPEC 1 `retries`/`backoff`/`timeout`/`kill_grace`, SPEC 2)."""
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import Callable
 from itertools import pairwise
 from pathlib import Path
 
-import psutil
-from helpers import Daemon, run_json, wait_for_state, wait_until, write_workflow
+from helpers import (
+    Daemon,
+    pid_gone,
+    pids_in,
+    replay_events,
+    run_json,
+    wait_for_state,
+    write_workflow,
+)
 
 from wfd.events import parse_ts
 
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
-def gone(pid: int) -> bool:
-    """Not running; a zombie counts as gone (PID 1 here may not reap)."""
-    try:
-        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
 
-
-def replay_events(d: Daemon, run_id: str) -> list[dict]:
-    done = d.wfctl("replay", run_id, "--json")
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)["events"]
-
-
-def pids_in(path: Path, count: int) -> list[int]:
-    """Wait until `path` holds `count` pids, one a line; those pids."""
-    def enough() -> list[int] | None:
-        try:
-            pids = [int(x) for x in path.read_text().split()]
-        except (OSError, ValueError):
-            return None
-        return pids if len(pids) >= count else None
-
-    return wait_until(enough, 15, message=f"{count} pids in {path}")
 
 
 # ---- retries and backoff ------------------------------------------------------------
@@ -239,10 +222,10 @@ def test_timeout_kills_the_whole_tree(daemon: Callable[..., Daemon], wfd_tmp: Pa
     d = daemon()
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
-    assert not any(gone(p) for p in pids)
+    assert not any(pid_gone(p) for p in pids)
     status = wait_for_state(d, run_id, *ENDED)
     # the step is ended only once its tree is gone: no waiting here
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     step = status["steps"]["slow"]
     assert status["state"] == "FAILED" and step["state"] == "FAILED"
     assert step["error"] == "timed out after 1.5 s"
@@ -279,7 +262,7 @@ def test_leftovers_are_killed_before_success(daemon: Callable[..., Daemon],
     run_id = d.submit(wf)
     status = wait_for_state(d, run_id, *ENDED)
     pids = pids_in(pids_file, TREE_PIDS)
-    assert [p for p in pids if not gone(p)] == []
+    assert [p for p in pids if not pid_gone(p)] == []
     quick = status["steps"]["quick"]
     assert status["state"] == "SUCCEEDED", status
     assert quick["state"] == "SUCCEEDED" and quick["exit_code"] == 0
@@ -303,7 +286,7 @@ def test_leftover_of_a_failed_attempt_is_killed_and_outcome_kept(
     d = daemon()
     run_id = d.submit(wf)
     status = wait_for_state(d, run_id, *ENDED)
-    assert gone(int(pid_file.read_text()))
+    assert pid_gone(int(pid_file.read_text()))
     assert status["steps"]["f"]["exit_code"] == 7
     assert status["steps"]["f"]["error"] == "exited with status 7"
 
