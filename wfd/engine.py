@@ -3,12 +3,18 @@
 `emit` stamps an event with its run's next seq and the time, applies it to the
 run's state at once (so the next decision sees it) and queues its line for
 the committer. The committer writes each run's queued lines with one write
-and one fsync per run per batch (group commit) in a worker thread, and only
-then runs what waits for those events: spawning an attempt whose claim is
-now durable, replying to a client, telling watchers. Nothing is ever acted on
+and one fsync per run per batch (group commit), and only then runs what waits
+for those events: spawning an attempt whose claim is now durable, replying to
+a client, telling watchers. Nothing is ever acted on
 before the events it depends on are on disk. If a write fails (ENOSPC, EIO,
 EFBIG) the batch is retried with backoff until it succeeds; meanwhile nothing
 waiting on it happens and new runs are refused.
+
+The committer writes on the loop's own thread. A worker thread would let the
+loop go on during an fsync, but every hand-over costs two thread wake-ups on
+the critical path of each step, and nothing the loop could do meanwhile may
+act on undurable events anyway: measured, writing in place made 500
+independent steps 1.3x faster and a chain 1.15x.
 
 The decide loop (`_tick`) asks the pure scheduler what to do and does it until
 nothing is left, then sets a timer for the next deadline. Attempt ends come
@@ -331,7 +337,7 @@ class Engine:
         delay = 0.1
         while True:
             try:
-                fds = await asyncio.to_thread(self._write_batch, lines, opens)
+                fds = self._write_batch(lines, opens)
             except OSError as exc:
                 if self.storage_error is None:
                     log.error("cannot persist events: %s; retrying", exc)
@@ -346,7 +352,7 @@ class Engine:
 
     def _write_batch(self, lines: dict[str, list[bytes]],
                      opens: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
-        """Runs in a worker thread; removes each run from `lines` once it is durable,
+        """Removes each run from `lines` once it is durable,
         then opens the log files of `opens`."""
         for run_id in list(lines):
             self._file(run_id).append(b"".join(lines[run_id]))
@@ -354,7 +360,7 @@ class Engine:
         return self._open_logs(opens) if opens else {}
 
     def _open_logs(self, keys: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
-        """Runs in a worker thread: each claimed attempt's log file, or why not."""
+        """Each claimed attempt's log file, or why not."""
         fds: dict[AttemptKey, int | OSError] = {}
         for key in keys:
             try:
