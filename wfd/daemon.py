@@ -29,16 +29,15 @@ from pathlib import Path
 from wfd import __version__, paths
 from wfd import systemd as sd
 from wfd.engine import Engine
+from wfd.errors import EXIT_OK, EXIT_USAGE
 from wfd.eventlog import Layout
 from wfd.procs import LocalExecutor
 from wfd.server import Server
 
 log = logging.getLogger("wfd")
 
-EXIT_OK = 0
+EXIT_CANNOT_START = 1  # lock taken, socket answering, directory unusable
 STATUS_DEBOUNCE = 0.25  # seconds between STATUS= updates while runs change
-EXIT_FAILED = 1
-EXIT_USAGE = 2
 
 
 class StartupError(Exception):
@@ -78,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         return asyncio.run(Daemon(args).run())
     except StartupError as exc:
         print(f"wfd: {exc}", file=sys.stderr)
-        return EXIT_FAILED
+        return EXIT_CANNOT_START
     except KeyboardInterrupt:
         return EXIT_OK
 

@@ -30,7 +30,6 @@ import pwd
 import random
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, NamedTuple
 
 from wfd import events as ev
@@ -142,8 +141,7 @@ class Engine:
         self.stubs: dict[str, Stub] = {}
         self.subs: dict[str, Submission] = {}
         self.order: dict[str, None] = {}  # runs driven, least recently started first
-        self.files: dict[str, AppendLog] = {}
-        self.sizes: dict[str, int] = {}
+        self.files: dict[str, AppendLog] = {}  # each run's log and its committed size
         self.storage_error: str | None = None
         self.stopping = False
         self.executor: Executor = None  # type: ignore[assignment]  # set by the daemon
@@ -155,8 +153,6 @@ class Engine:
         self._opens: list[AttemptKey] = []
         self._log_fds: dict[AttemptKey, int | OSError] = {}
         self._unrecorded: dict[AttemptKey, StartInfo] = {}
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._tick_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._finish_waiters: dict[str, list[asyncio.Future]] = {}
@@ -251,7 +247,7 @@ class Engine:
         if read.torn_tail:
             log.warning("run %s: %s", run_id, read.torn_tail)
         run, problem = fold_checked(wf, read)
-        self.sizes[run_id] = read.good_size
+        self.files[run_id] = AppendLog(path, read.good_size)
         self.subs[run_id] = sub
         if problem is not None:
             run.state = st.CORRUPT
@@ -291,14 +287,12 @@ class Engine:
         st.apply(run, event)
         self._lines.setdefault(run_id, []).append(ev.encode_line(event))
         self._events.append((run_id, event))
-        self._idle.clear()
         log.info("%s %s", run_id, st.describe(event))
         return event
 
     def after_commit(self, callback: Callable[[], None]) -> None:
         """Run `callback` once every event emitted so far is durable."""
         self._callbacks.append(callback)
-        self._idle.clear()
         self._dirty.set()
 
     async def flushed(self) -> None:
@@ -328,8 +322,6 @@ class Engine:
                     callback()
                 except Exception:  # a bug in one callback must not stop the writer
                     log.exception("error after commit")
-            if not self._lines and not self._callbacks:
-                self._idle.set()
             self.kick()
 
     async def _write(self, lines: dict[str, list[bytes]],
@@ -355,7 +347,7 @@ class Engine:
         """Removes each run from `lines` once it is durable,
         then opens the log files of `opens`."""
         for run_id in list(lines):
-            self._file(run_id).append(b"".join(lines[run_id]))
+            self.files[run_id].append(b"".join(lines[run_id]))
             del lines[run_id]
         return self._open_logs(opens) if opens else {}
 
@@ -377,18 +369,6 @@ class Engine:
         if fd is None:
             fd = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
         return fd
-
-    def _file(self, run_id: str) -> AppendLog:
-        file = self.files.get(run_id)
-        if file is None:
-            path = self.layout.events(run_id)
-            file = self.files[run_id] = AppendLog(path, self.sizes.get(run_id, 0))
-        return file
-
-    def _close_file(self, run_id: str) -> None:
-        file = self.files.pop(run_id, None)
-        if file is not None:
-            self.sizes[run_id] = file.size
 
     # ---- watchers ---------------------------------------------------------------
 
@@ -460,7 +440,6 @@ class Engine:
         self.order.pop(run_id, None)
 
         def done() -> None:
-            self._close_file(run_id)
             for future in self._finish_waiters.pop(run_id, []):
                 if not future.done():
                     future.set_result(None)
@@ -590,6 +569,7 @@ class Engine:
         run_id, wf, sub = new
         self.subs[run_id] = sub
         self.runs[run_id] = st.RunState(wf)
+        self.files[run_id] = AppendLog(self.layout.events(run_id), 0)
         self.emit(run_id, ev.RunCreated, run_id=run_id, name=wf.name, owner=sub.owner,
                   owner_uid=sub.uid)
         self.order[run_id] = None
@@ -673,7 +653,3 @@ def _one_line(exc: BaseException) -> str:
     if isinstance(exc, WorkflowInvalid):
         return exc.problems[0]
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def events_path(layout: Layout, run_id: str) -> Path:
-    return layout.events(run_id)

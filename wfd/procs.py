@@ -43,6 +43,7 @@ from typing import NamedTuple
 import psutil
 
 from wfd.executor import AttemptKey, AttemptSpec, StaleAttempt, StartFailed, StartInfo
+from wfd.scheduler import exit_code_of
 
 log = logging.getLogger("wfd")
 
@@ -318,7 +319,7 @@ class LocalExecutor:
     def _finish(self, attempt: _Attempt) -> None:
         self.attempts.pop(attempt.key, None)
         status = attempt.status
-        code = None if status is None else _exit_code(status)
+        code = None if status is None else exit_code_of(status)
         self.on_end(attempt.key, code, attempt.kill_reason)
 
     # -- finding a tree ------------------------------------------------------------
@@ -501,12 +502,6 @@ def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.Error:
             pass
     return list(result.values())
-
-
-def _exit_code(status: int) -> int:
-    if os.WIFSIGNALED(status):
-        return -os.WTERMSIG(status)
-    return os.waitstatus_to_exitcode(status)
 
 
 def _name(key: AttemptKey) -> str:

@@ -52,7 +52,7 @@ from wfd import protocol as p
 from wfd import state as st
 from wfd.engine import Engine, fold_checked
 from wfd.errors import EXIT_UNREACHABLE, EXIT_USAGE, StorageError, UsageError, WfdError
-from wfd.eventlog import LogRead, read_log, valid_run_id
+from wfd.eventlog import read_log, valid_run_id
 from wfd.workflow import STEP_ID_RE
 
 log = logging.getLogger("wfd")
@@ -663,5 +663,3 @@ def replay_run(engine: Engine, run_id: str, run: st.RunState) -> p.Replayed:
 def _transition(event: ev.Event) -> str:
     return f"{event.seq:>6}  {event.ts}  {st.describe(event)}"
 
-
-__all__ = ["Server", "LogRead", "replay_run"]
