@@ -758,11 +758,7 @@ class _Validator:
             elif key == "depends_on":
                 deps = self._walk_deps(i, step.get("id"), value)
             elif key in _STEP_CHECKS:
-                try:
-                    _STEP_CHECKS[key](value)
-                except _Bad as e:
-                    base = f"$.steps[{i}].{key}"
-                    self.problems.extend(f"{base}{sub}: {why}" for sub, why in e.items)
+                self._field({}, key, value, f"$.steps[{i}]", _STEP_CHECKS[key])
             else:
                 self.problems.append(f"$.steps[{i}]{_key(key)}: unknown field")
         return deps
