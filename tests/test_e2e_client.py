@@ -16,7 +16,8 @@ from wfd.events import parse_ts
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
-STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error"]
+STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
+             "depends_on"]
 LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
 
 MIXED = {"name": "mixed", "steps": [
@@ -97,7 +98,7 @@ def test_status_json_schema(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
                    "error": "exited with status 4"}
     assert skipped == {"state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
                        "finished_at": skipped["finished_at"],
-                       "error": "skipped: upstream step 'bad' failed"}
+                       "error": "skipped: upstream step 'bad' failed", "depends_on": ["bad"]}
     for step in (ok, bad):
         assert TS_RE.fullmatch(step["started_at"]) and TS_RE.fullmatch(step["finished_at"])
         assert parse_ts(status["created_at"]) <= parse_ts(step["started_at"]) \

@@ -81,6 +81,8 @@ class StepStatus(msgspec.Struct):
     started_at: str | None
     finished_at: str | None
     error: str | None
+    # The step's `depends_on`, so that other tools can draw the DAG (issue 16).
+    depends_on: list[str] = []
 
 
 class RunStatus(msgspec.Struct):
@@ -453,10 +455,11 @@ def fold(workflow: Workflow, events: Iterable[ev.Event]) -> RunState:
 # ---- views ------------------------------------------------------------------
 
 
-def step_status(rec: StepRec) -> StepStatus:
+def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus:
     return StepStatus(
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
+        depends_on=depends_on or [],
     )
 
 
@@ -465,7 +468,10 @@ def run_status(run: RunState) -> RunStatus:
     return RunStatus(
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at, error=run.error,
-        steps={rec.id: step_status(rec) for rec in run.steps.values()},
+        steps={
+            rec.id: step_status(rec, list(run.workflow.steps[rec.index].depends_on))
+            for rec in run.steps.values()
+        },
     )
 
 
