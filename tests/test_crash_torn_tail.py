@@ -12,6 +12,7 @@ last newline (no torn bytes left between them).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import shutil
 from pathlib import Path
@@ -22,8 +23,9 @@ from helpers import Daemon, run_json, wait_for_state, write_workflow
 
 from wfd import events as ev
 from wfd import state as st
-from wfd.engine import Engine, default_name
+from wfd.engine import Engine
 from wfd.eventlog import EVENTS, WORKFLOW, Layout
+from wfd.store import default_name
 from wfd.workflow import parse_workflow
 
 FLAKY = "test \"$WFD_ATTEMPT\" -ge 2"  # fails its first attempt, so the log has a retry
@@ -69,6 +71,10 @@ def cut_copy(run_dir: Path, data: bytes, state_dir: Path) -> Path:
     return target
 
 
+def run_of(engine: Engine, run_id: str) -> st.RunState | None:
+    return asyncio.run(engine.get(run_id))
+
+
 def recover(state_dir: Path) -> Engine:
     engine = Engine(Layout(state_dir), limit=4, system=False)
     engine.load_all()
@@ -98,9 +104,9 @@ def test_every_byte_offset_recovers_to_the_fold_of_whole_lines(daemon, wfd_tmp: 
         good = cut[: cut.rfind(b"\n") + 1]
         assert (copy / EVENTS).read_bytes() == good, f"cut at {offset}: torn bytes not cut off"
         if want is None:  # not even RunCreated is whole: a run never acknowledged
-            assert engine.run(run_id) is None, f"cut at {offset}"
+            assert run_of(engine, run_id) is None, f"cut at {offset}"
         else:
-            run = engine.run(run_id)
+            run = run_of(engine, run_id)
             assert run is not None, f"cut at {offset}"
             got = msgspec.to_builtins(st.run_status(run))
             assert got == want, f"cut at {offset} of {len(data)}: state is not the fold"
@@ -111,7 +117,7 @@ def test_every_byte_offset_recovers_to_the_fold_of_whole_lines(daemon, wfd_tmp: 
     # The untouched log folds to the finished run.
     whole = recover(run_dir.parent.parent)
     assert run_id in whole.stubs  # a finished run is known by its ends until asked for
-    assert whole.run(run_id).state == "SUCCEEDED"
+    assert run_of(whole, run_id).state == "SUCCEEDED"
 
 
 @pytest.mark.parametrize("where", ["mid-last-line", "last-line-without-newline",

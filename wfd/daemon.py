@@ -2,15 +2,17 @@
 
 The loop, in order:
 1. take the state dir's lock (one daemon per state dir);
-2. fold every run's log (torn tails cut, damaged runs marked CORRUPT);
-3. bind the socket (or take it from systemd) and start serving;
-4. resume unfinished runs: kill what is left of their old attempts, record
-   those attempts as interrupted, and drive the runs again;
-5. tell systemd READY=1 once the resumed runs' next attempts are recorded and
-   started (or STATUS= says why events cannot be persisted), then run until
-   SIGTERM/SIGINT or `wfctl shutdown`;
-6. stop: no new connections, kill every step tree, record the attempts as
-   interrupted, flush, exit 0.
+2. fold every unfinished run's log (torn tails noted, damaged runs marked
+   CORRUPT); finished runs are known by their first and last lines;
+3. bind the socket (or take it from systemd), start serving, and tell systemd
+   READY=1;
+4. in the background: adopt unfinished runs (kill what is left of their old
+   attempts, record those as interrupted, drive the runs again; a request for
+   a run being adopted waits for it) and check finished runs' logs;
+5. run until SIGTERM/SIGINT or `wfctl shutdown` (SIGHUP is ignored); if the
+   event writer or the decide loop fails, log it once and exit 70;
+6. stop: no new connections, kill every step tree (a second SIGTERM: SIGKILL
+   at once), record the attempts as interrupted, flush, exit 0.
 """
 
 from __future__ import annotations
@@ -24,19 +26,21 @@ import os
 import signal
 import socket
 import sys
+import time
 from pathlib import Path
 
 from wfd import __version__, paths
 from wfd import systemd as sd
-from wfd.engine import Engine
+from wfd.engine import MAX_KILL_GRACE, Engine
 from wfd.errors import EXIT_OK, EXIT_USAGE
-from wfd.eventlog import Layout
+from wfd.eventlog import Layout, UnsafeStateDir, check_state_dir, discard_unacknowledged
 from wfd.procs import LocalExecutor
 from wfd.server import Server
 
 log = logging.getLogger("wfd")
 
 EXIT_CANNOT_START = 1  # lock taken, socket answering, directory unusable
+EXIT_BROKEN = 70  # the event writer or the decide loop failed (sysexits EX_SOFTWARE)
 STATUS_DEBOUNCE = 0.25  # seconds between STATUS= updates while runs change
 
 
@@ -57,6 +61,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--socket")
     parser.add_argument("--max-parallel", type=int, default=2 * (os.cpu_count() or 1))
     parser.add_argument("--no-resume", action="store_true")
+    parser.add_argument("--max-kill-grace", type=float, default=MAX_KILL_GRACE,
+                        metavar="SECONDS",
+                        help="cap on a step's kill_grace for runs not owned by root "
+                             f"(default {MAX_KILL_GRACE:g})")
+    parser.add_argument("--max-steps-per-user", type=int, metavar="N",
+                        help="most running steps of one user at once (default: only the "
+                             "global --max-parallel)")
+    parser.add_argument("--max-runs-per-user", type=int, metavar="N",
+                        help="most unfinished runs of one user; a submit over it is refused "
+                             "(default: no limit)")
     parser.add_argument("--system", action="store_true")
     parser.add_argument("--socket-group", default="wfd")
     parser.add_argument("--log-level", default="info",
@@ -64,6 +78,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.max_parallel < 1:
         parser.error("--max-parallel must be at least 1")
+    if not args.max_kill_grace >= 0:
+        parser.error("--max-kill-grace must be a number of seconds >= 0")
+    for option in ("max_steps_per_user", "max_runs_per_user"):
+        if getattr(args, option) is not None and getattr(args, option) < 1:
+            parser.error(f"--{option.replace('_', '-')} must be at least 1")
     return args
 
 
@@ -82,20 +101,26 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_OK
 
 
-def lock_state_dir(state_dir: Path) -> int:
-    """Hold an exclusive lock on the state dir for the daemon's life."""
-    fd = os.open(state_dir / "lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        other = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-        os.close(fd)
-        raise StartupError(
-            f"another wfd (pid {other}) is using the state dir {state_dir}"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+def lock_state_dir(state_dir: Path, socket_path: Path | None = None) -> int:
+    """Hold an exclusive lock on the state dir for the daemon's life, and announce in it
+    our pid and socket: a wfctl without $XDG_RUNTIME_DIR (cron) finds us there."""
+    fd = os.open(state_dir / paths.LOCK_NAME,
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+    for pause in (0.05, 0.2, None):  # a wfctl testing the lock holds it for a moment
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            if pause is None:
+                other = paths.parse_lock(os.pread(fd, 4096, 0)).pid
+                os.close(fd)
+                raise StartupError(
+                    f"another wfd (pid {other}) is using the state dir {state_dir}"
+                ) from None
+            time.sleep(pause)
+    text = paths.lock_text(os.getpid(), socket_path)
+    os.pwrite(fd, text, 0)  # over the old text in one write, then cut the rest: see parse_lock
+    os.ftruncate(fd, len(text))
     return fd
 
 
@@ -161,10 +186,15 @@ class Daemon:
         try:
             self.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.state_dir / "runs").mkdir(mode=0o700, exist_ok=True)
+            check_state_dir(self.state_dir, self.system)
         except OSError as exc:
             raise StartupError(f"cannot create state dir {self.state_dir}: {exc}") from None
-        self.lock_fd = lock_state_dir(self.state_dir)
-        return Layout(self.state_dir)
+        except UnsafeStateDir as exc:
+            raise StartupError(f"refusing the state dir: {exc}") from None
+        self.lock_fd = lock_state_dir(self.state_dir, self.socket_path)
+        layout = Layout(self.state_dir)
+        discard_unacknowledged(layout)  # crashed submits: no run, and not CORRUPT for ever
+        return layout
 
     def _listening_socket(self) -> tuple[socket.socket, bool]:
         """(socket, inherited): systemd's socket if passed, else our own."""
@@ -178,75 +208,88 @@ class Daemon:
         # A write over RLIMIT_FSIZE must fail with EFBIG, not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         layout = self._prepare_state_dir()
-        engine = Engine(layout, self.args.max_parallel, self.system)
-        executor = LocalExecutor(engine._attempt_ended)
+        engine = Engine(layout, self.args.max_parallel, self.system,
+                        max_kill_grace=self.args.max_kill_grace,
+                        max_steps_per_user=self.args.max_steps_per_user,
+                        max_runs_per_user=self.args.max_runs_per_user)
+        executor = LocalExecutor(engine.attempt_ended)
         engine.executor = executor
         loop = asyncio.get_running_loop()
         executor.install(loop)
         unfinished = engine.load_all()
-        committer = asyncio.create_task(engine.committer())
+        committer = engine.start()
         sock, inherited = self._listening_socket()
         server = Server(engine, self.system, self.args.socket_group)
         server.shutdown_requested = self.stop_requested.set
         listener = await server.serve(sock)
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self.stop_requested.set)
+        self._handle_signals(loop, engine)
         log.info("wfd %s serving %s, state in %s", __version__,
                  "socket from systemd" if inherited else self.socket_path, self.state_dir)
+        # READY=1 once the logs are folded and the socket serves; clearing what is left of
+        # old attempts can take a kill_grace per run, so it goes on in the background.
+        background = [engine.supervise(engine.verify_stubs())]
         if unfinished and not self.args.no_resume:
             log.info("resuming %d unfinished run(s)", len(unfinished))
-            self._extend_timeout_for_kills(engine)  # their old trees get their kill_grace
-            await engine.adopt(unfinished, "daemon restarted")
-            await self._settled(engine)
+            background.append(engine.supervise(engine.adopt(unfinished)))
         sd.ready(_with_storage_error(engine, f"{engine.active_runs()} active run(s)"))
-        verifier = asyncio.create_task(engine.verify_stubs())
-        watchdog = asyncio.create_task(self._status_loop(engine))
-        await self.stop_requested.wait()
+        background.append(engine.supervise(self._status_loop(engine, committer)))
+        stop = asyncio.create_task(self.stop_requested.wait())
+        await asyncio.wait([stop, engine.fatal, committer], return_when=asyncio.FIRST_COMPLETED)
+        for task in background:
+            task.cancel()
+        if not self.stop_requested.is_set():
+            return self._broken(engine, committer, listener, inherited)
         log.info("stopping: terminating running steps")
         sd.stopping()
         listener.close()
         self._extend_timeout_for_kills(engine)
         await engine.stop()
-        watchdog.cancel()
-        verifier.cancel()
         committer.cancel()
         if not inherited:
             self._remove_socket()
         log.info("stopped")
         return EXIT_OK
 
-    async def _settled(self, engine: Engine) -> None:
-        """Wait until what resuming set off is durable and done, so that READY=1 means
-        the runs run again: the interruptions, the claims of the next attempts, and
-        their spawns, each recorded in a commit after the one it depends on. Stop
-        waiting when events cannot be persisted (the engine retries; READY=1 then says
-        why in STATUS=, rather than systemd killing a daemon that never got ready) or
-        when a stop is asked for."""
-        async def three_commits() -> None:
-            for _ in range(3):
-                await engine.flushed()
+    def _handle_signals(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
+        """SIGTERM/SIGINT stop (asked again: kill what is dying at once); SIGHUP is
+        ignored, said once in the log: wfd has no configuration to reload, and a closed
+        terminal must not take the daemon and its steps with it."""
+        def stop() -> None:
+            if self.stop_requested.is_set():
+                log.warning("asked again to stop: killing running steps now (SIGKILL)")
+                engine.force_stop()
+            self.stop_requested.set()
 
-        commits = asyncio.ensure_future(three_commits())
-        while not commits.done():
-            if engine.storage_error is not None or self.stop_requested.is_set():
-                commits.cancel()
-                return
-            await asyncio.wait({commits}, timeout=0.1)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop)
+        loop.add_signal_handler(signal.SIGHUP, lambda: log.info("SIGHUP ignored"))
+
+    def _broken(self, engine: Engine, committer: asyncio.Task, listener: asyncio.AbstractServer,
+                inherited: bool) -> int:
+        """The writer or the decide loop failed: say so once and exit non-zero. systemd
+        restarts the daemon, and the new one recovers from the log."""
+        exc = engine.fatal.result() if engine.fatal.done() else committer.exception()
+        log.critical("wfd cannot go on: its event writer failed", exc_info=exc)
+        listener.close()
+        if not inherited:
+            self._remove_socket()
+        return EXIT_BROKEN
 
     def _extend_timeout_for_kills(self, engine: Engine) -> None:
-        """EXTEND_TIMEOUT_USEC= for the longest kill_grace of the running (or, at
-        startup, left-over) attempts, so TimeoutStartSec/TimeoutStopSec do not cut
-        it short."""
+        """EXTEND_TIMEOUT_USEC= for the longest kill_grace of the running attempts, so
+        TimeoutStopSec does not cut it short; never more than the kill_grace cap allows
+        (a root run's longer grace is cut short by systemd rather than hold a stop)."""
         graces = [
             run.workflow.steps[run.steps[s].index].kill_grace
             for run in engine.runs.values() for s in run.running
         ]
         if graces:
-            sd.extend_timeout(max(graces) + 10)
+            sd.extend_timeout(min(max(graces), self.args.max_kill_grace) + 10)
 
-    async def _status_loop(self, engine: Engine) -> None:
+    async def _status_loop(self, engine: Engine, committer: asyncio.Task) -> None:
         """STATUS= soon after transitions (at most every STATUS_DEBOUNCE s) and WATCHDOG=1
-        pings from the loop itself, so that a stuck loop is what the watchdog catches."""
+        pings from the loop itself, only while the writer makes progress, so that a stuck
+        loop or a stuck writer is what the watchdog catches."""
         interval = sd.watchdog_interval()
         changed = asyncio.Event()
         engine.on_transition = lambda run_id, event: changed.set()
@@ -255,7 +298,7 @@ class Daemon:
             changed.clear()
             sd.status(_with_storage_error(engine, f"{engine.active_runs()} active run(s), "
                                               f"{engine.executor.running} step(s) running"))
-            if interval is not None:
+            if interval is not None and _writer_alive(engine, committer, 2 * interval):
                 sd.watchdog_ping()
             try:
                 await asyncio.wait_for(changed.wait(), period)
@@ -268,6 +311,11 @@ class Daemon:
             self.socket_path.unlink()
         except OSError:
             pass
+
+
+def _writer_alive(engine: Engine, committer: asyncio.Task, within: float) -> bool:
+    """The committer runs and has taken its work within `within` seconds."""
+    return not committer.done() and engine.committer.idle_for() < within
 
 
 def _with_storage_error(engine: Engine, text: str) -> str:

@@ -1,102 +1,89 @@
 """The one writer: every event of every run is recorded here, and only here.
 
-`emit` stamps an event with its run's next seq and the time, applies it to the
-run's state at once (so the next decision sees it) and queues its line for
-the committer. The committer writes each run's queued lines with one write
-and one fsync per run per batch (group commit), and only then runs what waits
-for those events: spawning an attempt whose claim is now durable, replying to
-a client, telling watchers. Nothing is ever acted on
-before the events it depends on are on disk. If a write fails (ENOSPC, EIO,
-EFBIG) the batch is retried with backoff until it succeeds; meanwhile nothing
-waiting on it happens and new runs are refused.
+The engine's state (runs, their submissions, logs, watchers) has one owner,
+the event loop. Worker threads compute pure values (a fold, a parse, a user
+lookup: `store.load_run`, `parse_workflow`) and hand them back; nothing is
+assigned or repaired from a thread. One load per run is in flight at a time,
+and one adoption: a request for a run being loaded or adopted waits for it.
 
-The committer writes on the loop's own thread. A worker thread would let the
-loop go on during an fsync, but every hand-over costs two thread wake-ups on
-the critical path of each step, and nothing the loop could do meanwhile may
-act on undurable events anyway: measured, writing in place made 500
-independent steps 1.3x faster and a chain 1.15x.
+`_record` stamps an event with its run's next seq and the time, applies it to
+the run's state at once (so the next decision sees it and never repeats it)
+and queues its line with the committer. Every effect waits for the events it
+depends on: spawns, kills, replies and watcher notifications run as
+`after_commit` callbacks (docs/design.md, "Who owns what").
 
-The decide loop (`_tick`) asks the pure scheduler what to do and does it until
-nothing is left, then sets a timer for the next deadline. Attempt ends come
-from the executor through `_attempt_ended`.
+The decide loop (`_tick`) asks the pure scheduler what to do and does it
+until nothing is left, then sets a timer for the next deadline. Attempt ends
+come from the executor through `attempt_ended`. If the committer or the
+decide loop fails, `fatal` is set: the daemon logs it once and exits non-zero.
 """
 
 from __future__ import annotations
 
 import asyncio
+import calendar
+import collections
+import concurrent.futures
 import logging
 import os
-import pwd
 import random
 import time
-from collections.abc import Callable
-from typing import Any, NamedTuple
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from wfd import events as ev
-from wfd import scheduler
+from wfd import scheduler, store
 from wfd import state as st
-from wfd.errors import IllegalTransition, StorageError, UsageError, WfdError, WorkflowInvalid
-from wfd.eventlog import AppendLog, Layout, LogRead, Submission, read_ends, read_log
-from wfd.executor import (
-    AttemptKey,
-    AttemptSpec,
-    Executor,
-    StaleAttempt,
-    StartFailed,
-    StartInfo,
-    UserIds,
-)
+from wfd.clock import Clock
+from wfd.committer import Batch, Committer
+from wfd.errors import StorageError, UsageError
+from wfd.eventlog import Layout, Submission
+from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, StartInfo
 from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP
-from wfd.workflow import Workflow, build_workflow, parse_workflow
+from wfd.store import RunCtx, Stub
+from wfd.users import name_of
+from wfd.workflow import Workflow, parse_workflow
 
 log = logging.getLogger("wfd")
 
-# Variables meant for the daemon itself, never passed to steps (SPEC 1).
-DAEMON_ONLY = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", MARK_RUN, MARK_STEP,
-               MARK_ATTEMPT)
-DAEMON_ONLY_PREFIXES = ("LISTEN_", "WATCHDOG_")
-LAZY_COMMIT = 0.05  # seconds an event nothing waits for may wait for company
+# Variables meant for the daemon itself, never passed to steps (SPEC 1): systemd's, and
+# every inherited WFD_* (the marks, the client's WFD_SOCKET, test switches).
+DAEMON_ONLY = ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID")
+DAEMON_ONLY_PREFIXES = ("LISTEN_", "WATCHDOG_", "WFD_")
 STOP_FLUSH_WAIT = 5.0  # seconds a stop waits for a failing disk before giving up
-
-
-def owner_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return str(uid)
+KEEP_FINISHED = 64  # finished runs kept folded in memory after their last use
+MAX_KILL_GRACE = 300.0  # default cap of kill_grace for runs not owned by root
 
 
 def new_run_id(now: float, last: str) -> str:
-    """`20261125T095852Z-xxxxxxxx`: sorts by creation time (the first five hex digits are
-    the microseconds), random in the last three; strictly after `last`."""
-    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(now))
-    micros = int((now % 1) * 1_000_000)
-    run_id = f"{stamp}-{micros:05x}{random.randrange(4096):03x}"
-    while run_id <= last:
-        micros += 1
-        run_id = f"{stamp}-{micros:05x}{random.randrange(4096):03x}"
-    return run_id
+    """`20261125T095852Z-xxxxxxxx`: the time to the microsecond (five hex digits) and
+    three random ones; strictly after `last` whatever the clock says, so ids stay
+    ordered when the clock steps back (the id then carries `last`'s time, plus 1 us)."""
+    micros = max(int(now * 1_000_000), _micros_of(last) + 1)
+    seconds, micro = divmod(micros, 1_000_000)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(seconds))
+    return f"{stamp}-{micro:05x}{random.randrange(4096):03x}"
 
 
-def default_name(source: str) -> str:
-    base = os.path.basename(source)
-    return base.rsplit(".", 1)[0] if "." in base else base
+def _micros_of(run_id: str) -> int:
+    """The microsecond time an id of ours carries; -1 for anything else."""
+    try:
+        stamp, tail = run_id.split("-", 1)
+        seconds = calendar.timegm(time.strptime(stamp, "%Y%m%dT%H%M%SZ"))
+        return seconds * 1_000_000 + int(tail[:5], 16)
+    except (ValueError, OverflowError):
+        return -1
 
 
-def step_env(sub: Submission, wf: Workflow, index: int, key: AttemptKey) -> dict[str, str]:
+def step_env(ctx: RunCtx, wf: Workflow, index: int, key: AttemptKey) -> dict[str, str]:
     """Client env (variables meant for the daemon removed, the owner's passwd fields
     winning over the client's), then workflow env, then defaults.env and the step's env,
     then the marks."""
     env = {
-        k: v for k, v in sub.env.items()
+        k: v for k, v in ctx.sub.env.items()
         if k not in DAEMON_ONLY and not k.startswith(DAEMON_ONLY_PREFIXES)
     }
-    try:
-        entry = pwd.getpwuid(sub.uid)
-        env.update(HOME=entry.pw_dir, USER=entry.pw_name, LOGNAME=entry.pw_name,
-                   SHELL=entry.pw_shell or "/bin/sh")
-    except KeyError:
-        pass
+    env.update(ctx.login)
     env.update(wf.env)
     env.update(wf.steps[index].env)
     env[MARK_RUN], env[MARK_STEP], env[MARK_ATTEMPT] = key.marks()
@@ -111,101 +98,157 @@ def step_cwd(sub: Submission, cwd: str | None) -> str:
     return os.path.join(sub.base_dir, cwd) if cwd else sub.base_dir
 
 
-def placeholder_workflow(name: str) -> Workflow:
-    """The workflow of a run whose workflow.json cannot be read: no steps."""
-    return build_workflow(name, None, {}, ())
-
-
-class Stub(NamedTuple):
-    """A finished run known by its first and last events, not folded yet."""
-
-    summary: st.RunSummary
-    owner_uid: int
-
-
-class NewRun(NamedTuple):
-    run_id: str
-    workflow: Workflow
-    sub: Submission
-
-
 class Engine:
     """All runs, their logs and the decisions; the only place that changes state."""
 
-    def __init__(self, layout: Layout, limit: int, system: bool) -> None:
+    def __init__(self, layout: Layout, limit: int, system: bool, *,
+                 clock: Clock | None = None, max_kill_grace: float = MAX_KILL_GRACE,
+                 max_steps_per_user: int | None = None,
+                 max_runs_per_user: int | None = None) -> None:
         self.layout = layout
         self.limit = limit
         self.system = system
+        self.clock = clock or Clock()
+        self.max_kill_grace = max_kill_grace
         self.uid = os.getuid()
         self.runs: dict[str, st.RunState] = {}
         self.stubs: dict[str, Stub] = {}
-        self.subs: dict[str, Submission] = {}
-        self.order: dict[str, None] = {}  # runs driven, least recently started first
-        self.files: dict[str, AppendLog] = {}  # each run's log and its committed size
-        self.storage_error: str | None = None
+        self.ctx: dict[str, RunCtx] = {}
+        # The runs driven, and who starts next (round-robin across users, then runs).
+        self.sched = scheduler.Scheduler(self.runs, limit, max_steps_per_user)
+        self.max_runs_per_user = max_runs_per_user
+        self._submitting: collections.Counter[int] = collections.Counter()  # per owner uid
+        self.committer = Committer(layout, self._durable)
         self.stopping = False
         self.executor: Executor = None  # type: ignore[assignment]  # set by the daemon
-        self._lines: dict[str, list[bytes]] = {}
-        self._events: list[tuple[str, ev.Event]] = []
-        self._callbacks: list[Callable[[], None]] = []
-        self._dirty = asyncio.Event()
-        self._lazy: asyncio.TimerHandle | None = None
-        self._opens: list[AttemptKey] = []
-        self._log_fds: dict[AttemptKey, int | OSError] = {}
+        self.watchers: dict[str, set[asyncio.Queue]] = {}
+        self.on_transition: Callable[[str, ev.Event], None] | None = None
+        self.fatal: asyncio.Future | None = None  # set with the exception that broke us
+        self._loading: dict[str, asyncio.Task] = {}
+        self._adopting: dict[str, asyncio.Task] = {}
+        self._cancels: set[str] = set()  # runs a cancel waits to see adopted
+        self._recent: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._unrecorded: dict[AttemptKey, StartInfo] = {}
         self._tick_scheduled = False
         self._timer: asyncio.TimerHandle | None = None
         self._finish_waiters: dict[str, list[asyncio.Future]] = {}
-        self.watchers: dict[str, set[asyncio.Queue]] = {}
         self._last_run_id = ""
-        self.on_transition: Callable[[str, ev.Event], None] | None = None
+        # Parses of submissions, one at a time: a flood of big submits costs one core.
+        self._parser = concurrent.futures.ThreadPoolExecutor(1, "wfd-parse")
+
+    @property
+    def storage_error(self) -> str | None:
+        return self.committer.storage_error
+
+    def start(self) -> asyncio.Task:
+        """The committer task; the daemon supervises it."""
+        self.fatal = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(self.committer.run(), name="wfd-committer")
+        task.add_done_callback(self._task_done)
+        return task
+
+    def supervise(self, coro: Coroutine[Any, Any, Any]) -> asyncio.Task:
+        """A background task of the daemon's own (adopting, checking logs): if it fails,
+        that is a bug, and the daemon stops rather than carry on without it."""
+        task = asyncio.create_task(coro)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task) -> None:
+        if not task.cancelled() and task.exception() is not None:
+            exc = task.exception()
+            log.error("a background task failed: %r", exc)
+            self._fail(exc)  # type: ignore[arg-type]
+
+    def _fail(self, exc: BaseException) -> None:
+        """The writer or the decide loop is broken: the daemon exits non-zero."""
+        if self.fatal is not None and not self.fatal.done():
+            self.fatal.set_result(exc)
 
     # ---- loading ---------------------------------------------------------------
 
     def load_all(self) -> list[str]:
-        """Fold every unfinished run on disk and note the finished ones; return the
-        unfinished ones. A finished run is known at first by its first and last events
-        (a `Stub`): folding a million events of old runs would hold up the start, so
-        they are folded when asked for, and checked in the background (`verify_stubs`)."""
+        """At start: fold every unfinished run on disk, note the finished ones, return
+        the unfinished ones. A finished run is known at first by its first and last
+        events (a `Stub`): folding a million events of old runs would hold up the start,
+        so it is folded when asked for, and checked in the background (`verify_stubs`)."""
         unfinished = []
         for run_id in self.layout.run_ids():
             self._last_run_id = max(self._last_run_id, run_id)
-            stub = self._peek(run_id)
+            stub = store.peek(self.layout, run_id)
             if stub is not None:
                 self.stubs[run_id] = stub
                 continue
-            run = self._load(run_id)
-            if run is None:
-                continue
-            self.runs[run_id] = run
-            if not run.finished:
+            loaded = store.load_run(self.layout, run_id, self.uid)
+            if self._install(run_id, loaded) and not loaded.run.finished:
                 unfinished.append(run_id)
         return unfinished
 
-    def _peek(self, run_id: str) -> Stub | None:
-        """A Stub if the log's first line is RunCreated and its last RunFinished."""
-        try:
-            ends = read_ends(self.layout.events(run_id))
-        except OSError:
-            return None
-        if ends is None:
-            return None
-        first, last = ends
-        if (type(first) is not ev.RunCreated or type(last) is not ev.RunFinished
-                or first.seq != 1 or first.run_id != run_id):
-            return None
-        summary = st.RunSummary(run_id=run_id, name=first.name, owner=first.owner,
-                                state=last.state, created_at=first.ts, finished_at=last.ts)
-        return Stub(summary, first.owner_uid)
+    def _install(self, run_id: str, loaded: store.Loaded) -> bool:
+        """Take a loaded run into the engine (on the loop); False if it is no run."""
+        if loaded.never_acknowledged:
+            log.warning("run %s has no first event (its submit was never acknowledged); "
+                        "ignored", run_id)
+            if loaded.torn:
+                self.committer.add_run(run_id, 0, 0, torn=True)  # cut the torn line
+                self.committer.drop_run(run_id)
+            return False
+        self.stubs.pop(run_id, None)
+        self.runs[run_id] = loaded.run
+        if loaded.ctx is not None:
+            self.ctx[run_id] = loaded.ctx
+            if loaded.run.state != st.CORRUPT:
+                self.committer.add_run(run_id, loaded.good_size, loaded.run.last_seq,
+                                       loaded.torn)
+        self._keep_recent(run_id)
+        return True
 
-    def run(self, run_id: str) -> st.RunState | None:
-        """The run's state, folding a finished run's log on first use."""
+    async def get(self, run_id: str) -> st.RunState | None:
+        """The run's state, folding a finished run's log (in a worker thread) on first
+        use; None for an unknown run."""
         run = self.runs.get(run_id)
-        if run is None and self.stubs.pop(run_id, None) is not None:
-            run = self._load(run_id)
-            if run is not None:
-                self.runs[run_id] = run
-        return run
+        if run is not None:
+            self._keep_recent(run_id)
+            return run
+        if run_id not in self.stubs:
+            return None
+        task = self._loading.get(run_id)
+        if task is None:
+            task = asyncio.create_task(self._load(run_id))
+            self._loading[run_id] = task
+        return await asyncio.shield(task)
+
+    async def _load(self, run_id: str) -> st.RunState | None:
+        try:
+            loaded = await asyncio.to_thread(store.load_run, self.layout, run_id, self.uid)
+            if run_id in self.runs:  # cannot happen while this load is in flight; be sure
+                return self.runs[run_id]
+            return loaded.run if self._install(run_id, loaded) else None
+        finally:
+            del self._loading[run_id]
+
+    def _keep_recent(self, run_id: str) -> None:
+        """Finished runs stay folded for KEEP_FINISHED uses of others, then shrink back to
+        a Stub: a daemon that has seen 100,000 runs must not hold them all."""
+        run = self.runs.get(run_id)
+        if run is None or not run.finished or run.state == st.CORRUPT:
+            return
+        self._recent[run_id] = None
+        self._recent.move_to_end(run_id)
+        while len(self._recent) > KEEP_FINISHED:
+            old, _ = self._recent.popitem(last=False)
+            self._shrink(old)
+
+    def _shrink(self, run_id: str) -> None:
+        run = self.runs.get(run_id)
+        if (run is None or not run.finished or run_id in self.sched
+                or run_id in self._adopting or self.committer.pending(run_id)
+                or self._finish_waiters.get(run_id) or self.watchers.get(run_id)):
+            return
+        self.stubs[run_id] = store.stub_of(run)
+        del self.runs[run_id]
+        self.ctx.pop(run_id, None)
+        self.committer.drop_run(run_id)
 
     def summaries(self) -> list[tuple[st.RunSummary, int]]:
         """Every run's summary and owner uid, oldest first."""
@@ -217,166 +260,51 @@ class Engine:
     async def verify_stubs(self) -> None:
         """Fold every finished run once, in the background, so that a damaged log is
         reported as CORRUPT soon after the start, not only when someone asks for it.
-        A run that folds cleanly stays a Stub (its state is not kept in memory)."""
+        A run that folds cleanly stays a Stub (its state is not kept in memory). The
+        fold runs in a worker thread; only the loop decides what to keep."""
         for run_id in list(self.stubs):
-            if run_id not in self.stubs:
-                continue  # folded meanwhile by a request
-            run = await asyncio.to_thread(self._load, run_id)
-            if run_id not in self.stubs:
+            if run_id not in self.stubs or run_id in self._loading:
                 continue
-            if run is None or run.state == st.CORRUPT:
-                del self.stubs[run_id]
-                if run is not None:
-                    self.runs[run_id] = run
-
-    def _load(self, run_id: str) -> st.RunState | None:
-        try:
-            sub = self.layout.read_submission(run_id)
-            wf = parse_workflow(sub.workflow, default_name(sub.source))
-        except (OSError, ValueError, WfdError) as exc:
-            return self._corrupt(run_id, placeholder_workflow(run_id),
-                                 f"workflow.json unreadable: {_one_line(exc)}")
-        path = self.layout.events(run_id)
-        try:
-            read = read_log(path, repair=True)
-        except OSError as exc:
-            return self._corrupt(run_id, wf, f"events.jsonl unreadable: {exc}")
-        if not read.events and read.problem is None:
-            log.warning("run %s has no first event (never acknowledged); ignored", run_id)
-            return None
-        if read.torn_tail:
-            log.warning("run %s: %s", run_id, read.torn_tail)
-        run, problem = fold_checked(wf, read)
-        self.files[run_id] = AppendLog(path, read.good_size)
-        self.subs[run_id] = sub
-        if problem is not None:
-            run.state = st.CORRUPT
-            run.error = problem
-            log.error("run %s is CORRUPT: %s", run_id, problem)
-        return run
-
-    def _corrupt(self, run_id: str, wf: Workflow, error: str) -> st.RunState:
-        log.error("run %s is CORRUPT: %s", run_id, error)
-        run = st.RunState(wf)
-        run.run_id = run_id
-        run.state = st.CORRUPT
-        run.error = error
-        return run
+            loaded = await asyncio.to_thread(store.load_run, self.layout, run_id, self.uid)
+            if run_id not in self.stubs or run_id in self._loading:
+                continue  # a request loaded it meanwhile: its copy wins
+            if loaded.run.state == st.CORRUPT:
+                self._install(run_id, loaded)
 
     # ---- the one writer ------------------------------------------------------------
 
-    def emit(self, run_id: str, kind: type[ev.Event], /, **fields: Any) -> ev.Event:
-        """Record an event: applied now, durable at the next commit."""
-        event = self._record(run_id, kind, fields)
-        self._dirty.set()
-        return event
-
-    def emit_lazily(self, run_id: str, kind: type[ev.Event], /, **fields: Any) -> ev.Event:
-        """Record an event nothing waits for (AttemptStarted: recovery finds a process
-        by its marks if the daemon dies before this is on disk). It goes out with the
-        next commit, or after LAZY_COMMIT, and saves an fsync on the critical path of
-        a chain of short steps."""
-        event = self._record(run_id, kind, fields)
-        if self._lazy is None:
-            self._lazy = asyncio.get_running_loop().call_later(LAZY_COMMIT, self._dirty.set)
-        return event
-
-    def _record(self, run_id: str, kind: type[ev.Event], fields: dict[str, Any]) -> ev.Event:
+    def _record(self, run_id: str, kind: type[ev.Event], fields: dict[str, Any],
+                lazily: bool = False) -> ev.Event:
+        """Record an event: applied now (or IllegalTransition, with nothing changed),
+        durable at the next commit."""
         run = self.runs[run_id]
-        event = kind(seq=run.last_seq + 1, ts=ev.format_ts(time.time()), **fields)
+        event = kind(seq=run.last_seq + 1, ts=ev.format_ts(self.clock.now()), **fields)
         st.apply(run, event)
-        self._lines.setdefault(run_id, []).append(ev.encode_line(event))
-        self._events.append((run_id, event))
+        self.sched.touch(run_id)
+        self.committer.queue(run_id, event, lazily)
         log.info("%s %s", run_id, st.describe(event))
         return event
 
     def after_commit(self, callback: Callable[[], None]) -> None:
-        """Run `callback` once every event emitted so far is durable."""
-        self._callbacks.append(callback)
-        self._dirty.set()
+        self.committer.after_commit(callback)
 
     async def flushed(self) -> None:
-        """Wait until everything emitted so far is durable and acted on."""
-        future = asyncio.get_running_loop().create_future()
-        self.after_commit(lambda: future.done() or future.set_result(None))
-        await future
+        await self.committer.flushed()
 
-    async def committer(self) -> None:
-        """Forever: take the queued lines, write and fsync them, then act on them."""
-        while True:
-            await self._dirty.wait()
-            self._dirty.clear()
-            if self._lazy is not None:
-                self._lazy.cancel()
-                self._lazy = None
-            lines, self._lines = self._lines, {}
-            events, self._events = self._events, []
-            callbacks, self._callbacks = self._callbacks, []
-            opens, self._opens = self._opens, []
-            # Log files of the claims just made durable are opened in the same trip.
-            self._log_fds.update(await self._write(lines, opens))
-            for run_id, event in events:
-                self._tell_watchers(run_id, event)
-            for callback in callbacks:
-                try:
-                    callback()
-                except Exception:  # a bug in one callback must not stop the writer
-                    log.exception("error after commit")
-            self.kick()
+    def _durable(self, batch: Batch) -> None:
+        """A batch is on disk: tell watchers, then decide again."""
+        for run_id, event in batch:
+            if self.on_transition is not None:
+                self.on_transition(run_id, event)
+            for queue in self.watchers.get(run_id, ()):
+                queue.put_nowait(event)
+        self.kick()
 
-    async def _write(self, lines: dict[str, list[bytes]],
-                     opens: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
-        delay = 0.1
-        while True:
-            try:
-                fds = self._write_batch(lines, opens)
-            except OSError as exc:
-                if self.storage_error is None:
-                    log.error("cannot persist events: %s; retrying", exc)
-                self.storage_error = f"cannot persist events: {exc.strerror or exc}"
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
-                continue
-            if self.storage_error is not None:
-                log.warning("events persist again")
-            self.storage_error = None
-            return fds
-
-    def _write_batch(self, lines: dict[str, list[bytes]],
-                     opens: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
-        """Removes each run from `lines` once it is durable,
-        then opens the log files of `opens`."""
-        for run_id in list(lines):
-            self.files[run_id].append(b"".join(lines[run_id]))
-            del lines[run_id]
-        return self._open_logs(opens) if opens else {}
-
-    def _open_logs(self, keys: list[AttemptKey]) -> dict[AttemptKey, int | OSError]:
-        """Each claimed attempt's log file, or why not."""
-        fds: dict[AttemptKey, int | OSError] = {}
-        for key in keys:
-            try:
-                fds[key] = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
-            except OSError as exc:
-                fds[key] = exc
-        return fds
-
-    def _log_fd(self, key: AttemptKey) -> int:
-        """The attempt's log fd, opened by the committer (or here, if it did not)."""
-        fd = self._log_fds.pop(key, None)
-        if isinstance(fd, OSError):
-            raise fd
-        if fd is None:
-            fd = self.layout.open_log_for_step(key.run_id, key.step, key.attempt)
-        return fd
+    def durable_seq(self, run_id: str) -> int:
+        run = self.runs.get(run_id)
+        return self.committer.durable.get(run_id, run.last_seq if run else 0)
 
     # ---- watchers ---------------------------------------------------------------
-
-    def _tell_watchers(self, run_id: str, event: ev.Event) -> None:
-        if self.on_transition is not None:
-            self.on_transition(run_id, event)
-        for queue in self.watchers.get(run_id, ()):
-            queue.put_nowait(event)
 
     def watch(self, run_id: str) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
@@ -400,20 +328,24 @@ class Engine:
 
     def _tick(self) -> None:
         self._tick_scheduled = False
-        wake_at = None
-        while True:
-            decision = scheduler.decide(self.runs, list(self.order), self.limit, time.time())
-            wake_at = decision.wake_at
-            if not self._perform(decision.actions):
-                break
-        self._set_timer(wake_at)
+        try:
+            wake_at = None
+            while True:
+                decision = self.sched.decide(self.clock.now())
+                wake_at = decision.wake_at
+                if not self._perform(decision.actions):
+                    break
+            self._set_timer(wake_at)
+        except Exception as exc:  # a bug in deciding: nothing may go on from here
+            log.exception("the decide loop failed")
+            self._fail(exc)
 
     def _perform(self, actions: list[scheduler.Action]) -> bool:
         """Do the actions; True if any recorded an event (so decide again)."""
         changed = False
         for action in actions:
             if isinstance(action, scheduler.Emit):
-                self.emit(action.run_id, action.kind, **action.fields)
+                self._record(action.run_id, action.kind, action.fields)
                 if action.kind is ev.RunFinished:
                     self._run_finished(action.run_id)
                 changed = True
@@ -423,8 +355,9 @@ class Engine:
                 self._claim(action)
                 changed = True
             elif isinstance(action, scheduler.Kill):
-                self.executor.kill(AttemptKey(action.run_id, action.step, action.attempt),
-                                   action.reason)
+                key = AttemptKey(action.run_id, action.step, action.attempt)
+                # A cancel kills only once RunCancelRequested is on disk.
+                self.after_commit(lambda k=key, r=action.reason: self.executor.kill(k, r))
         return changed
 
     def _set_timer(self, wake_at: float | None) -> None:
@@ -432,23 +365,24 @@ class Engine:
             self._timer.cancel()
             self._timer = None
         if wake_at is not None:
-            loop = asyncio.get_running_loop()
-            delay = max(0.0, wake_at - time.time())
-            self._timer = loop.call_later(delay, self.kick)
+            delay = max(0.0, wake_at - self.clock.now())
+            self._timer = asyncio.get_running_loop().call_later(delay, self.kick)
 
     def _run_finished(self, run_id: str) -> None:
-        self.order.pop(run_id, None)
+        self.sched.drop(run_id)
 
         def done() -> None:
             for future in self._finish_waiters.pop(run_id, []):
                 if not future.done():
                     future.set_result(None)
+            self._keep_recent(run_id)
 
         self.after_commit(done)
 
     async def finished(self, run_id: str) -> None:
         """Wait until the run's RunFinished is durable."""
-        if self.runs[run_id].finished and run_id not in self.order:
+        run = self.runs[run_id]
+        if run.finished and run_id not in self.sched:
             await self.flushed()
             return
         future = asyncio.get_running_loop().create_future()
@@ -459,40 +393,43 @@ class Engine:
 
     def _claim(self, action: scheduler.Start) -> None:
         key = AttemptKey(action.run_id, action.step, action.attempt)
-        self.emit(key.run_id, ev.AttemptClaimed, step=key.step, attempt=key.attempt)
-        self.order.pop(key.run_id, None)
-        self.order[key.run_id] = None  # started last: goes to the back of the round
-        self._opens.append(key)
+        self._record(key.run_id, ev.AttemptClaimed, {"step": key.step, "attempt": key.attempt})
+        self.committer.open_log_after(key)
         self.after_commit(lambda: self._spawn(key))
+
+    def _grace(self, run: st.RunState, step_index: int) -> float:
+        """The step's kill_grace, capped for runs not owned by root: one user's huge grace
+        must not pin a slot, a cancel or a stop for ever."""
+        grace = run.workflow.steps[step_index].kill_grace
+        return grace if run.owner_uid == 0 else min(grace, self.max_kill_grace)
 
     def _spawn(self, key: AttemptKey) -> None:
         """The claim is durable: start the process (unless the run moved on meanwhile)."""
-        run = self.runs[key.run_id]
-        rec = run.steps[key.step]
-        moved_on = rec.state != st.RUNNING or rec.attempts != key.attempt
-        if moved_on or run.cancelling or self.stopping:
-            fd = self._log_fds.pop(key, None)
-            if isinstance(fd, int):
-                os.close(fd)
+        run = self.runs.get(key.run_id)
+        rec = run.steps[key.step] if run is not None else None
+        moved_on = rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt
+        if moved_on or run.cancelling or self.stopping:  # type: ignore[union-attr]
+            self.committer.discard_log_fd(key)
             if not moved_on:
-                self._attempt_ended(key, None, "stop" if self.stopping else "cancel")
+                self.attempt_ended(key, None, "stop" if self.stopping else "cancel")
             return
-        sub = self.subs[key.run_id]
+        assert run is not None and rec is not None
+        ctx = self.ctx[key.run_id]
         step = run.workflow.steps[rec.index]
         try:
-            log_fd = self._log_fd(key)
+            log_fd = self.committer.log_fd(key)
         except OSError as exc:
-            self._attempt_ended(key, None, None, start_error=f"cannot open log: {exc.strerror}")
+            self.attempt_ended(key, None, None, start_error=f"cannot open log: {exc.strerror}")
             return
         spec = AttemptSpec(
-            key=key, argv=step_argv(step.command), env=step_env(sub, run.workflow, rec.index, key),
-            cwd=step_cwd(sub, step.cwd), log_fd=log_fd, umask=sub.umask,
-            kill_grace=step.kill_grace, user=self._user_ids(sub),
+            key=key, argv=step_argv(step.command), env=step_env(ctx, run.workflow, rec.index, key),
+            cwd=step_cwd(ctx.sub, step.cwd), log_fd=log_fd, umask=ctx.sub.umask,
+            kill_grace=self._grace(run, rec.index), user=ctx.user,
         )
         try:
             info = self.executor.start(spec)
         except StartFailed as exc:
-            self._attempt_ended(key, None, None, start_error=str(exc))
+            self.attempt_ended(key, None, None, start_error=str(exc))
             return
         finally:
             os.close(log_fd)
@@ -503,29 +440,18 @@ class Engine:
     def _record_starts(self) -> None:
         """AttemptStarted for the attempts spawned in the last loop iteration. Reading a
         leader's start time waits while it is still in execve, so it is done here, after
-        every spawn of the iteration, rather than right after each one."""
+        every spawn of the iteration, rather than right after each one. Nothing waits
+        for it on disk: recovery finds a process by its marks if the daemon dies first."""
         while self._unrecorded:
             key = next(iter(self._unrecorded))  # in the order they were spawned
-            info = self._unrecorded.pop(key)
-            info = self.executor.identify(info)
-            self.emit_lazily(key.run_id, ev.AttemptStarted, step=key.step, attempt=key.attempt,
-                             pid=info.pid, start_time=info.start_time or 0.0,
-                             boot_id=info.boot_id)
+            info = self.executor.identify(self._unrecorded.pop(key))
+            self._record(key.run_id, ev.AttemptStarted, {
+                "step": key.step, "attempt": key.attempt, "pid": info.pid,
+                "start_time": info.start_time or 0.0, "boot_id": info.boot_id,
+            }, lazily=True)
 
-    def _user_ids(self, sub: Submission) -> UserIds | None:
-        """Whom to run as: None for the daemon's own user. The primary gid and the groups
-        come from the group database, as at login (not the client's effective gid)."""
-        if sub.uid == self.uid:
-            return None
-        try:
-            entry = pwd.getpwuid(sub.uid)
-            return UserIds(sub.uid, entry.pw_gid,
-                           tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-        except KeyError:
-            return UserIds(sub.uid, sub.gid, (sub.gid,))
-
-    def _attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
-                       start_error: str | None = None) -> None:
+    def attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
+                      start_error: str | None = None) -> None:
         """Record how an attempt ended (called by the executor once its tree is gone)."""
         run = self.runs.get(key.run_id)
         if run is None or run.finished:
@@ -537,83 +463,197 @@ class Engine:
             self._record_starts()
         interrupted = "daemon stopped" if kill_reason == "stop" else None
         emit = scheduler.outcome(
-            run, key.step, key.attempt, exit_code, now=time.time(), rand=random.random(),
+            run, key.step, key.attempt, exit_code, now=self.clock.now(), rand=random.random(),
             timed_out=kill_reason == "timeout", start_error=start_error, interrupted=interrupted,
         )
-        self.emit(emit.run_id, emit.kind, **emit.fields)
+        self._record(emit.run_id, emit.kind, emit.fields)
         self.kick()
 
     # ---- requests -----------------------------------------------------------------
 
-    def submit(self, workflow_text: str, source: str, base_dir: str, env: dict[str, str],
-               umask: int, uid: int, gid: int) -> NewRun:
-        """Validate a submission and name the run; the caller makes its workflow.json
-        durable, then calls `start_run`."""
+    async def submit(self, workflow_text: str, source: str, base_dir: str, env: dict[str, str],
+                     umask: int, uid: int, gid: int) -> str:
+        """Validate a submission (off the loop), make its workflow.json durable, record
+        the run's first event; return the run id once that event is durable."""
+        self._refuse_new_runs()
+        owner_uid = uid if self.system else self.uid
+        self._check_run_limit(owner_uid)
+        self._submitting[owner_uid] += 1  # counts against the limit until it is driven
+        try:
+            loop = asyncio.get_running_loop()
+            wf = await loop.run_in_executor(self._parser, parse_workflow, workflow_text,
+                                            store.default_name(source))
+            self._refuse_new_runs()
+            now = self.clock.now()
+            sub = Submission(
+                workflow=workflow_text, source=source, base_dir=base_dir, env=env,
+                umask=umask & 0o777, uid=owner_uid, gid=gid if self.system else os.getgid(),
+                owner=name_of(owner_uid), submitted_at=ev.format_ts(now),
+            )
+            run_id = self._last_run_id = new_run_id(now, self._last_run_id)
+            ctx = await asyncio.to_thread(self._create_run, run_id, sub)
+        finally:
+            self._submitting[owner_uid] -= 1  # from here to `drive` nothing awaits
+        self.ctx[run_id] = ctx
+        self.runs[run_id] = st.RunState(wf)
+        self.committer.add_run(run_id, 0, 0)
+        self._record(run_id, ev.RunCreated, {"run_id": run_id, "name": wf.name,
+                                             "owner": sub.owner, "owner_uid": sub.uid})
+        self.sched.drive(run_id)
+        self.kick()
+        await self.flushed()
+        return run_id
+
+    def _check_run_limit(self, uid: int) -> None:
+        """`--max-runs-per-user`: the runs of `uid` the daemon drives plus its submits in
+        flight. Runs not driven (after `--no-resume`, or still being adopted) are not
+        counted: they hold no slot until they are driven."""
+        limit = self.max_runs_per_user
+        have = self.sched.runs_of(uid) + self._submitting[uid]
+        if limit is not None and have >= limit:
+            raise UsageError(f"uid {uid} has {have} unfinished runs, the limit is {limit} "
+                             "(wfd --max-runs-per-user); submit again once some have finished")
+
+    def _refuse_new_runs(self) -> None:
         if self.stopping:
             raise UsageError("wfd is shutting down; submit again once it is back")
         if self.storage_error is not None:
             raise StorageError(f"wfd cannot persist events now ({self.storage_error})")
-        wf = parse_workflow(workflow_text, default_name(source))
-        owner_uid = uid if self.system else self.uid
-        now = time.time()
-        run_id = self._last_run_id = new_run_id(now, self._last_run_id)
-        sub = Submission(
-            workflow=workflow_text, source=source, base_dir=base_dir, env=env,
-            umask=umask & 0o777, uid=owner_uid, gid=gid if self.system else os.getgid(),
-            owner=owner_name(owner_uid), submitted_at=ev.format_ts(now),
-        )
-        return NewRun(run_id, wf, sub)
 
-    def start_run(self, new: NewRun) -> None:
-        """workflow.json is durable: record the run's first event and drive it."""
-        run_id, wf, sub = new
-        self.subs[run_id] = sub
-        self.runs[run_id] = st.RunState(wf)
-        self.files[run_id] = AppendLog(self.layout.events(run_id), 0)
-        self.emit(run_id, ev.RunCreated, run_id=run_id, name=wf.name, owner=sub.owner,
-                  owner_uid=sub.uid)
-        self.order[run_id] = None
-        self.kick()
+    def _create_run(self, run_id: str, sub: Submission) -> RunCtx:
+        """In a worker thread: the run's directory and durable workflow.json, and what the
+        user database says of its owner."""
+        try:
+            self.layout.create_run(run_id, sub)
+        except OSError as exc:
+            self.layout.remove_run(run_id)
+            raise StorageError(f"cannot create run directory: {exc.strerror or exc}") from None
+        return store.run_ctx(sub, self.uid)
+
+    async def _known(self, run_id: str) -> st.RunState:
+        run = await self.get(run_id)
+        if run is None:
+            raise UsageError(f"no such run: {run_id}")
+        return run
 
     async def cancel(self, run_id: str) -> None:
-        """Ask for the cancel; `finished` tells when every step process is gone."""
-        run = self.runs[run_id]
-        if run_id not in self.order and not run.finished:
-            await self.adopt([run_id], "daemon restarted")  # its old trees die first
-        if run.finished or run.cancelling:
+        """Cancel and return once the run is over (every step process gone). Asked again
+        while the first cancel waits out a kill_grace, it kills at once (SIGKILL)."""
+        run = await self._known(run_id)
+        if run.finished:
             return
-        self.emit(run_id, ev.RunCancelRequested)
-        self.kick()
+        if run.cancelling:
+            self.after_commit(lambda: self._force_kills(run_id))
+        elif run_id in self.sched:
+            self._record(run_id, ev.RunCancelRequested, {})
+            self.kick()
+        else:  # not driven: its old trees die first, and adopting it records the cancel
+            self._cancels.add(run_id)
+            try:
+                await self.adopt([run_id])
+            finally:
+                self._cancels.discard(run_id)
+        await self.finished(run_id)
 
-    async def resume(self, run_ids: list[str]) -> None:
-        """Continue FAILED/CANCELLED runs and pick up unfinished ones not driven."""
-        adopt = [r for r in run_ids if not self.runs[r].finished and r not in self.order]
-        await self.adopt(adopt, "daemon restarted")
+    def _force_kills(self, run_id: str) -> None:
+        run = self.runs.get(run_id)
+        for step_id in run.running if run is not None else ():
+            key = AttemptKey(run_id, step_id, run.steps[step_id].attempts)  # type: ignore[union-attr]
+            self.executor.kill(key, "cancel", force=True)
+
+    async def resume(self, run_id: str) -> None:
+        """Continue a FAILED or CANCELLED run, or pick up an unfinished one not driven;
+        returns once it is durably RUNNING again."""
+        run = await self._known(run_id)
+        if run_id in self.sched or run_id in self._adopting:
+            raise UsageError(f"run {run_id} is running already")
+        if run.state in (st.SUCCEEDED, st.CORRUPT):
+            raise UsageError(f"run {run_id} is {run.state}; only a FAILED, CANCELLED or "
+                             "unfinished run can be resumed")
+        await self._resume([run_id])
+
+    async def resume_all(self, visible: Callable[[st.RunState], bool]) -> list[str]:
+        """Resume every unfinished run nobody drives that `visible` allows."""
+        run_ids = [run_id for run_id, run in self.runs.items()
+                   if not run.finished and run_id not in self.sched
+                   and run_id not in self._adopting and visible(run)]
+        await self._resume(run_ids)
+        return run_ids
+
+    async def _resume(self, run_ids: list[str]) -> None:
+        await self.adopt([r for r in run_ids if not self.runs[r].finished])
         for run_id in run_ids:
             if self.runs[run_id].state in (st.FAILED, st.CANCELLED):
-                self.emit(run_id, ev.RunResumed)
-                self.order[run_id] = None
+                self._record(run_id, ev.RunResumed, {})
+                self.sched.drive(run_id)
         self.kick()
         await self.flushed()
 
-    async def adopt(self, run_ids: list[str], reason: str) -> None:
+    async def adopt(self, run_ids: list[str]) -> None:
         """Drive unfinished runs left by a previous daemon: kill what is left of their
-        attempts, record those as interrupted, and go on."""
-        stale = []
+        attempts, record those as interrupted, and go on. One adoption per run: a run
+        already being adopted is waited for, not adopted again."""
+        tasks = []
         for run_id in run_ids:
+            task = self._adopting.get(run_id)
+            if task is None and run_id not in self.sched and not self.runs[run_id].finished:
+                task = asyncio.create_task(self._adopt(run_id))
+                self._adopting[run_id] = task
+            if task is not None:
+                tasks.append(task)
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+
+    async def _adopt(self, run_id: str) -> None:
+        try:
             run = self.runs[run_id]
+            stale = []
             for step_id in run.running:
                 rec = run.steps[step_id]
-                grace = run.workflow.steps[rec.index].kill_grace
                 key = AttemptKey(run_id, step_id, rec.attempts)
-                stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id, grace))
-        await self.executor.clear_stale(stale)
-        for key, *_ in stale:
-            self.emit(key.run_id, ev.AttemptInterrupted, step=key.step, attempt=key.attempt,
-                      reason=reason)
-        for run_id in run_ids:
-            self.order[run_id] = None
-        self.kick()
+                stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id,
+                                          self._grace(run, rec.index), run.owner_uid))
+            await self.executor.clear_stale(stale)
+            for key, *_ in stale:
+                rec = run.steps[key.step]
+                if rec.state == st.RUNNING and rec.attempts == key.attempt:
+                    self._record(run_id, ev.AttemptInterrupted, {
+                        "step": key.step, "attempt": key.attempt, "reason": "daemon restarted"})
+            if run_id in self._cancels and not (run.finished or run.cancelling):
+                # before the run is driven again: no new attempt may start first
+                self._record(run_id, ev.RunCancelRequested, {})
+            if not run.finished:
+                self.sched.drive(run_id)
+            self.kick()
+        finally:
+            del self._adopting[run_id]
+
+    def adopting(self) -> int:
+        return len(self._adopting)
+
+    def status(self, run: st.RunState, steps: bool = True) -> st.RunStatus:
+        """The run's status as its durable events say: a RunFinished still waiting for the
+        disk is not shown as the end, and a storage error is shown. Without `steps`, the
+        run's fields only (the server streams the steps: `st.step_statuses`)."""
+        status = st.run_status(run, steps)
+        error = self.storage_error
+        if error is not None and not run.finished or self.durable_seq(run.run_id) < run.last_seq:
+            if run.finished and run.state != st.CORRUPT:
+                status.state, status.finished_at = st.RUNNING, None
+            status.error = error or status.error
+        return status
+
+    def summary(self, summary: st.RunSummary) -> st.RunSummary:
+        """A list entry as `status` shows it: the storage error on unfinished runs."""
+        run = self.runs.get(summary.run_id)
+        if run is None:
+            return summary
+        status = self.status(run)
+        if status.state == summary.state and status.error is None:
+            return summary
+        return st.RunSummary(run_id=summary.run_id, name=summary.name, owner=summary.owner,
+                             state=status.state, created_at=summary.created_at,
+                             finished_at=status.finished_at)
 
     async def stop(self) -> None:
         """Kill every running tree, record the attempts as interrupted, flush.
@@ -622,6 +662,8 @@ class Engine:
         start folds the log as it is, finds those attempts RUNNING and interrupts them
         itself, so nothing is lost but the wait."""
         self.stopping = True
+        for task in list(self._adopting.values()):
+            task.cancel()
         await self.executor.stop_all("stop")
         for _ in range(3):  # claims whose spawn was still pending end in the next commit
             flushed = asyncio.ensure_future(self.flushed())
@@ -633,23 +675,16 @@ class Engine:
                               "recovers from the log as it is", self.storage_error)
                     return
 
+    def force_stop(self) -> None:
+        """A second stop request: kill what is still dying at once."""
+        for run_id in list(self.sched):
+            self._force_kills(run_id)
+
     def active_runs(self) -> int:
-        return len(self.order)
+        return len(self.sched) + len(self._adopting)
 
+    def events_path(self, run_id: str) -> os.PathLike:
+        return self.layout.events(run_id)
 
-def fold_checked(wf: Workflow, read: LogRead) -> tuple[st.RunState, str | None]:
-    """Fold a parsed log; a damaged line or an illegal transition is the problem found,
-    with the state as far as the log is good."""
-    run = st.RunState(wf)
-    for number, event in enumerate(read.events, start=1):  # one event per line
-        try:
-            st.apply(run, event)
-        except IllegalTransition as exc:
-            return run, f"line {number}: {exc.message}"
-    return run, read.problem
-
-
-def _one_line(exc: BaseException) -> str:
-    if isinstance(exc, WorkflowInvalid):
-        return exc.problems[0]
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    def log_path(self, run_id: str, step: str, attempt: int) -> os.PathLike:
+        return self.layout.log(run_id, step, attempt)

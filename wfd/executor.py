@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
+from wfd.users import UserIds
+
 
 class AttemptKey(NamedTuple):
     run_id: str
@@ -34,14 +36,6 @@ class AttemptKey(NamedTuple):
 
     def marks(self) -> tuple[str, str, str]:
         return (self.run_id, self.step, str(self.attempt))
-
-
-class UserIds(NamedTuple):
-    """Whom a step runs as when that is not the daemon's own user."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
 
 
 @dataclass
@@ -77,6 +71,7 @@ class StaleAttempt(NamedTuple):
     start_time: float | None
     boot_id: str | None
     kill_grace: float
+    uid: int | None = None  # the run owner's: only processes of this uid are the attempt's
 
 
 OnEnd = Callable[[AttemptKey, "int | None", "str | None"], None]
