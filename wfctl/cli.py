@@ -129,6 +129,21 @@ def _positive(text: str) -> int:
     return value
 
 
+def _width(text: str) -> int:
+    from wfctl.timeline import MIN_WIDTH
+
+    if not text.isdigit() or int(text) < MIN_WIDTH:
+        raise argparse.ArgumentTypeError(f"expected a width of at least {MIN_WIDTH} "
+                                         f"columns, got {text!r}")
+    return int(text)
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or int(text) > 65535:
+        raise argparse.ArgumentTypeError(f"expected a port 0..65535, got {text!r}")
+    return int(text)
+
+
 def _common(parser: argparse.ArgumentParser, top: bool) -> None:
     """--socket and --no-autostart, accepted before and after the command name."""
     # Below the command the default is SUPPRESS, so an option given before it survives.
@@ -196,6 +211,17 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                         "help": "this attempt (default: the latest)"}),
       (("--follow",), {"action": "store_true", "help": "stream output as it comes"})]),
     ("shutdown", "stop the daemon as SIGTERM would", []),
+    ("graph", "draw the DAG of a workflow file or of a run (coloured by state)",
+     [(("target",), {"metavar": "FILE|RUN"}),
+      (("--format",), {"choices": ("mermaid", "dot", "svg"), "default": "svg",
+                       "help": "output format (default: svg)"})]),
+    ("timeline", "a terminal Gantt chart of a run's attempts, retries and waits",
+     [_RUN_ID, (("--width",), {"metavar": "N", "type": _width,
+                               "help": "columns (default: the terminal's)"})]),
+    ("web", "serve a live web page of your runs on 127.0.0.1 (needs wfd[web])",
+     [(("--port",), {"metavar": "N", "type": _port, "default": 0,
+                     "help": "port (default: a free one)"}),
+      (("--open",), {"action": "store_true", "help": "open it in a browser"})]),
 ]
 
 
@@ -446,10 +472,67 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_graph(args: argparse.Namespace) -> int:
+    from wfctl import graph
+
+    if _names_file(args.target):
+        from wfd.workflow import parse_workflow
+
+        text, _ = load_workflow(args.target)
+        picture = graph.from_workflow(parse_workflow(text, default_name=_stem(args.target)))
+    else:
+        from wfd import protocol
+
+        request = protocol.Status(run_id=args.target)
+        picture = graph.from_status(_connect(args).call(request, protocol.RunInfo).status)
+    out_bytes(graph.render(picture, args.format).encode())
+    return EXIT_OK
+
+
+def _names_file(target: str) -> bool:
+    """FILE or RUN: an existing path, or a word shaped like one (a run id never has a `/`
+    or an extension), is a file; anything else is a run for the daemon to find."""
+    return (os.path.exists(target) or "/" in target
+            or target.endswith((".json", ".yaml", ".yml")))
+
+
+def cmd_timeline(args: argparse.Namespace) -> int:
+    import shutil
+    import time
+
+    from wfctl import timeline
+    from wfd import protocol
+
+    reply = _connect(args).call(protocol.Replay(run_id=args.run_id), protocol.Replayed)
+    for problem in reply.problems:
+        say(f"wfctl: {problem}")
+    if reply.status is None:
+        return EXIT_CORRUPT
+    width = args.width or shutil.get_terminal_size().columns
+    utf8 = (sys.stdout.encoding or "").lower().replace("-", "") == "utf8"
+    colour = sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+    segs = timeline.segments(timeline.decode(reply.lines))
+    lines = timeline.chart(reply.status, segs, time.time(), width,
+                           timeline.UNICODE if utf8 else timeline.ASCII, colour)
+    out("\n".join(lines))
+    return EXIT_CORRUPT if reply.problems else EXIT_OK
+
+
+def cmd_web(args: argparse.Namespace) -> int:
+    try:
+        from wfctl.web.app import serve
+    except ImportError as e:
+        if not (e.name or "").startswith(("aiohttp", "multidict", "yarl")):
+            raise
+        raise UsageError("wfctl web needs the web extra: pip install 'wfd[web]'") from None
+    return serve(_connect(args), args.port, args.open)
+
+
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
     "replay": cmd_replay, "resume": cmd_resume, "resume-all": cmd_resume_all,
     "logs": cmd_logs, "shutdown": cmd_shutdown,
+    "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
 }
 
 
