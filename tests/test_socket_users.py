@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import REPO, Daemon, _as_user, base_env, wait_until, write_workflow
+from helpers import REPO, Daemon, _as_user, base_env, hello, wait_until, write_workflow
 
 pytestmark = pytest.mark.skipif(
     os.geteuid() != 0 or not hasattr(os, "getgrouplist"),
@@ -299,21 +299,32 @@ def test_user_daemon_of_another_user_serves_that_user_and_root_only(
     d.start()
     assert mode(d.socket) == 0o600
     assert d.socket.stat().st_uid == pwd.getpwnam(NOBODY).pw_uid
-    # its own user and root
+    # its own user, and root, whom the daemon serves ...
     assert client(foreign_python, d, NOBODY, "status").returncode == 0
+    assert hello(d.socket) is not None
     wf = write_workflow(home, {"steps": [{"id": "who", "command": "id -u > who.txt"}]})
-    run_id = d.submit(wf, "--wait")  # root submits: the run is still the daemon user's
+    done = client(foreign_python, d, NOBODY, "run", str(wf), "--wait")
+    assert done.returncode == 0, done.stderr
     assert (home / "who.txt").read_text().strip() == "65534"
+    run_id = done.stdout.strip()
     status = json.loads(client(foreign_python, d, NOBODY, "status", run_id, "--json").stdout)
     assert status["owner"] == NOBODY
-    # anyone else: refused by the peer check, even with the socket open to all
+    # ... but root's wfctl does not talk to another user's daemon: it would hand that
+    # user root's environment (docs/protocol.md, what the client checks)
+    done = d.wfctl("status")
+    assert done.returncode == 3, done
+    assert done.stderr == (f"wfctl: not talking to {d.socket}: the process answering on it "
+                           "runs as uid 65534 (nobody), not as root; it gets nothing from "
+                           "this wfctl\n")
+    # anyone else: their wfctl refuses first, and the daemon's peer check would, even with
+    # the socket open to all (tests/test_client_trust.py shows nothing is sent)
     os.chmod(d.socket, 0o777)
     done = client(foreign_python, d, accounts.member, "status")
     member_uid = pwd.getpwnam(accounts.member).pw_uid
     assert done.returncode == 3, done
     assert done.stderr == (
-        f"wfctl: wfd refuses uid {member_uid} ({accounts.member}): this daemon serves only "
-        "its own user, uid 65534 (nobody), and root (start your own with `wfd`)\n")
+        f"wfctl: not talking to {d.socket}: the process answering on it runs as uid 65534 "
+        f"(nobody), not as you (uid {member_uid}) or root; it gets nothing from this wfctl\n")
 
 
 # ---- system daemon ---------------------------------------------------------------------

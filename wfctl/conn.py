@@ -7,26 +7,43 @@ timeout, because a Cancel or a Watch may rightly take long. Requests then go
 on the same connection.
 
 Which socket: `--socket`, else $WFD_SOCKET (no fallback, no autostart), else
-the user daemon's default socket if it answers, else the system daemon's, else
-an autostarted user daemon. Only "nothing answers" moves on to the next
-choice (and a system daemon refusing this user, who may not be in its group);
-a daemon that answers and refuses us, or speaks another protocol, is reported
+the first of these that answers: the user daemon's default socket
+($XDG_RUNTIME_DIR/wfd/wfd.sock, or /tmp/wfd-<uid>/wfd.sock without it),
+/run/user/<uid>/wfd/wfd.sock, the socket announced by the daemon holding the
+user's state dir (so cron and `su` find a running daemon), the system
+daemon's; else an autostarted user daemon, but never a second one for a
+state dir that is in use. Only "nothing answers" moves on to the next choice
+(and a system daemon refusing this user, who may not be in its group); a
+daemon that answers and refuses us, or speaks another protocol, is reported
 as it is.
+
+Before a byte is sent, the client checks whom it talks to (docs/protocol.md):
+a default socket's directory must be the user's (root's for the system
+socket) and closed to others, and the peer (SO_PEERCRED) must run as the user
+or root (root only for the system socket), also on a socket given by path. A
+socket someone else planted gets nothing: not the environment, not the
+workflow.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import struct
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import msgspec
 
 from wfd import protocol
-from wfd.errors import EXIT_UNREACHABLE, WfdError
+from wfd.errors import EXIT_UNREACHABLE, UsageError, WfdError
+
+if TYPE_CHECKING:
+    from wfd.paths import Holder
 
 HELLO_TIMEOUT = 8.0  # connect + Hello: a live daemon answers in ms, a starting one (socket
 # activation, recovery of many runs) may take seconds before it accepts
@@ -39,6 +56,42 @@ _SYSTEMD_VARS = (
     "NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "LISTEN_FDNAMES", "WATCHDOG_USEC",
     "WATCHDOG_PID", "RUNTIME_DIRECTORY", "INVOCATION_ID", "JOURNAL_STREAM",
 )
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Whom a socket may belong to: the uids that may answer on it (SO_PEERCRED), and
+    the uid that must own its directory (None: not checked, a path the user gave)."""
+
+    peers: frozenset[int]
+    dir_owner: int | None
+
+
+def user_trust(dir_checked: bool = True) -> Trust:
+    """A user daemon's socket: served by this user or root."""
+    return Trust(frozenset({os.getuid(), 0}), os.getuid() if dir_checked else None)
+
+
+SYSTEM_TRUST = Trust(frozenset({0}), 0)
+
+
+class Untrusted(WfdError):
+    """A socket that may not be ours: its directory is someone else's or open to others,
+    or a process of another user answers on it. Nothing was sent to it."""
+
+    exit_code = EXIT_UNREACHABLE
+
+    def __init__(self, path: Path | str, reason: str) -> None:
+        super().__init__(f"not talking to {path}: {reason}")
+        self.path = str(path)
+        self.reason = reason
+
+
+class Held(WfdError):
+    """A daemon holds the user's state dir but does not answer where we looked: starting
+    another would fail, so say which one it is and how to reach it."""
+
+    exit_code = EXIT_UNREACHABLE
 
 
 class ReplyError(WfdError):
@@ -109,12 +162,15 @@ def expect(reply: protocol.Reply, kind: type, path: str) -> protocol.Reply:
 
 
 class Connection:
-    """One open connection to a daemon that answered Hello."""
+    """One open connection to a daemon that answered Hello; `trust` is what was checked
+    of it, and what a reconnect checks again."""
 
-    def __init__(self, sock: socket.socket, path: str, hello: protocol.HelloReply) -> None:
+    def __init__(self, sock: socket.socket, path: str, hello: protocol.HelloReply,
+                 trust: Trust | None = None) -> None:
         self.sock = sock
         self.path = path
         self.hello = hello
+        self.trust = trust or user_trust(dir_checked=False)
 
     def close(self) -> None:
         self.sock.close()
@@ -124,6 +180,9 @@ class Connection:
             protocol.send(self.sock, msg)
         except OSError as e:
             raise Lost(self.path, e) from None
+        except UnicodeEncodeError:  # an argument with bytes the locale could not decode
+            raise UsageError(f"cannot send {type(msg).__name__}: an argument is not "
+                             "UTF-8 (wfd carries text)") from None
 
     def recv(self) -> protocol.Reply:
         """Next reply (see `recv`); Lost when the daemon goes away."""
@@ -150,23 +209,66 @@ def _reason(err: OSError) -> str:
     return err.strerror or str(err) or type(err).__name__
 
 
-def connect(path: Path | str, timeout: float = HELLO_TIMEOUT) -> Connection:
-    """Connect and say Hello within `timeout`. Raises Unreachable when nothing usable
-    answers; ReplyError when the daemon refuses us; VersionError on another protocol."""
+def connect(path: Path | str, timeout: float = HELLO_TIMEOUT,
+            trust: Trust | None = None) -> Connection:
+    """Check, connect and say Hello within `timeout`. Raises Untrusted when the socket
+    fails `trust` (default: a user daemon's, directory unchecked), before anything is
+    sent; Unreachable when nothing usable answers; ReplyError when the daemon refuses
+    us; VersionError on another protocol."""
     path = str(path)
+    trust = trust or user_trust(dir_checked=False)
+    if trust.dir_owner is not None:
+        _check_dir(path, trust.dir_owner)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(timeout)
         try:
-            sock.connect(path)
+            sock.connect(path)  # sends no byte: the daemon sees only our credentials
         except OSError as e:
             raise Unreachable(path, _reason(e)) from None
+        _check_peer(sock, path, trust)
         hello = _hello(sock, path)
         sock.settimeout(None)
     except BaseException:
         sock.close()
         raise
-    return Connection(sock, path, hello)
+    return Connection(sock, path, hello, trust)
+
+
+def _check_dir(path: str, owner: int) -> None:
+    """The socket's directory must be `owner`'s and closed to others, as the daemon
+    checks it before it binds: in a directory others can write, anyone could have put
+    the socket there (/tmp/wfd-<uid> without $XDG_RUNTIME_DIR)."""
+    from wfd.paths import UnsafeDir, check_private
+
+    parent = os.path.dirname(path) or "."
+    try:
+        check_private(Path(parent), owner)
+    except UnsafeDir as e:
+        raise Untrusted(path, f"{e}; someone else may have put it there") from None
+    except OSError as e:
+        raise Unreachable(path, _reason(e)) from None
+
+
+def _check_peer(sock: socket.socket, path: str, trust: Trust) -> None:
+    """The process that listens must run as one of `trust.peers` (SO_PEERCRED: the
+    kernel's word, taken when it called listen)."""
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    if uid in trust.peers:
+        return
+    wanted = "root" if trust.peers == {0} else f"you (uid {os.getuid()}) or root"
+    raise Untrusted(path, f"the process answering on it runs as {_user(uid)}, not as "
+                          f"{wanted}; it gets nothing from this wfctl")
+
+
+def _user(uid: int) -> str:
+    import pwd
+
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
 
 
 def _hello(sock: socket.socket, path: str) -> protocol.HelloReply:
@@ -193,26 +295,86 @@ def open_connection(socket_arg: str | None, autostart: bool) -> Connection:
     """The connection SPEC 5 chooses (see the module docstring)."""
     explicit = socket_arg or os.environ.get("WFD_SOCKET")
     if explicit:
-        return connect(explicit)
-    from wfd.paths import SYSTEM_SOCKET, user_socket
+        return connect(explicit, trust=user_trust(dir_checked=False))
+    from wfd import paths
 
-    user = user_socket()
-    try:
-        return connect(user)
-    except Unreachable as e:
-        first = e
-    refused: ReplyError | None = None
-    try:
-        return connect(SYSTEM_SOCKET)
-    except Unreachable:
-        pass
-    except ReplyError as e:
-        # A system daemon that refuses this user (not in its group) is not theirs to use;
-        # their own daemon is.
-        refused = e
+    user = paths.user_socket()
+    unreachable: list[Unreachable] = []
+    untrusted: list[Untrusted] = []
+    refused: list[ReplyError] = []
+    state = paths.state_dir(None, False)
+    holder = None
+    tried: set[Path] = set()
+    for path, trust in _candidates(user):
+        if path is None:  # the state dir's holder is looked up only when it is needed
+            holder = paths.state_dir_holder(state)
+            if holder is None or holder.socket is None:
+                continue
+            path = holder.socket
+        if path in tried:
+            continue
+        tried.add(path)
+        try:
+            return connect(path, trust=trust)
+        except Unreachable as e:
+            unreachable.append(e)
+        except Untrusted as e:
+            untrusted.append(e)
+        except ReplyError as e:
+            if trust is not SYSTEM_TRUST:
+                raise
+            # A system daemon that refuses this user (not in its group) is not theirs to
+            # use; their own daemon is.
+            refused.append(e)
+    if holder is not None:
+        return _wait_for_holder(state, holder, user)
+    if untrusted:  # autostart would find the same socket directory, and refuse it too
+        raise untrusted[0]
     if not autostart or _env_flag("WFD_NO_AUTOSTART"):
-        raise refused or first
+        raise (refused or unreachable)[0]
     return _autostart(user)
+
+
+def _candidates(user: Path) -> Iterator[tuple[Path | None, Trust]]:
+    """The sockets to try in order (see the module docstring); None stands for the one
+    the holder of the user's state dir announces."""
+    from wfd.paths import SYSTEM_SOCKET, run_user_socket
+
+    yield user, user_trust()
+    run_user = run_user_socket()
+    if run_user is not None:
+        yield run_user, user_trust()
+    yield None, user_trust()
+    yield SYSTEM_SOCKET, SYSTEM_TRUST
+
+
+def _wait_for_holder(state: Path, holder: Holder, user: Path) -> Connection:
+    """A daemon holds the user's state dir, but none of the sockets answered. It may be
+    starting (it announces its socket before it binds): wait for it as for an autostarted
+    one. Never start a second daemon: it would only find the state dir taken."""
+    from wfd.paths import state_dir_holder
+
+    deadline = time.monotonic() + AUTOSTART_WAIT
+    reason = "it does not say where its socket is (an older wfd)"
+    while holder.socket is not None:
+        try:
+            return connect(holder.socket, timeout=1.0, trust=user_trust())
+        except Unreachable as e:
+            reason = f"it announced {holder.socket}, which does not answer: {e.reason}"
+        except Untrusted as e:
+            reason = f"it announced {holder.socket}, which this wfctl refuses: {e.reason}"
+            break
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.1)
+        now = state_dir_holder(state)
+        if now is None:
+            reason = "it stopped while wfctl waited for it to answer"
+            break
+        holder = now
+    raise Held(f"wfd (pid {holder.pid}) holds the state dir {state}, but wfctl cannot "
+               f"reach it: {reason}; reach it with --socket PATH (or WFD_SOCKET=PATH), "
+               f"or stop it (kill {holder.pid}) and let wfctl start one on {user}")
 
 
 # ---- autostart ----------------------------------------------------------------
@@ -261,7 +423,7 @@ def _autostart(path: Path) -> Connection:
     status = None
     while True:
         try:
-            return connect(path, timeout=1.0)
+            return connect(path, timeout=1.0, trust=user_trust())
         except Unreachable as e:
             last = e
         if status is None:
@@ -278,13 +440,14 @@ def _autostart(path: Path) -> Connection:
     raise Unreachable(path, why)
 
 
-def reconnect(path: str, within: float) -> Connection:
+def reconnect(path: str, within: float, trust: Trust | None = None) -> Connection:
     """Connect again to the daemon at `path`, which went away, retrying for `within`
-    seconds (it may be restarting); never autostarts. Raises the last Unreachable."""
+    seconds (it may be restarting), with the checks `trust` asks for (those the first
+    connection passed); never autostarts. Raises the last Unreachable."""
     deadline = time.monotonic() + within
     while True:
         try:
-            return connect(path, timeout=1.0)
+            return connect(path, timeout=1.0, trust=trust)
         except Unreachable:
             if time.monotonic() >= deadline:
                 raise
