@@ -253,6 +253,34 @@ def test_validate_unreadable_file(target: str, wfctl: Callable, wfd_tmp: Path) -
     assert one_line(done).startswith(f"wfctl: cannot read {path}: ")
 
 
+@pytest.mark.parametrize("kind", ["fifo", "/dev/zero", "socket"])
+def test_validate_reads_only_regular_files(kind: str, wfctl: Callable, wfd_tmp: Path,
+                                           fake: Callable) -> None:
+    # A FIFO blocked the open for ever, /dev/zero was read without end: both are refused
+    # by their type before a byte is read.
+    if kind == "fifo":
+        path, what = wfd_tmp / "wf.fifo", "a FIFO"
+        os.mkfifo(path)
+    elif kind == "socket":
+        path, what = fake().path, "a socket"
+    else:
+        path, what = Path(kind), "a character device"
+    for command in ("validate", "run"):
+        done = wfctl(command, str(path), "--socket", str(wfd_tmp / "none.sock"), timeout=20)
+        assert_clean_error(done, 2)
+        assert one_line(done) == f"wfctl: cannot read {path}: not a regular file ({what})"
+
+
+def test_validate_refuses_a_file_over_the_frame_limit(wfctl: Callable, wfd_tmp: Path) -> None:
+    path = wfd_tmp / "huge.json"
+    with open(path, "wb") as f:
+        f.truncate(p.MAX_FRAME + 1)  # sparse: costs no disk, and nothing may read it all
+    done = wfctl("validate", str(path))
+    assert_clean_error(done, 2)
+    assert one_line(done) == (f"wfctl: {path}: too large ({p.MAX_FRAME + 1} bytes; a workflow "
+                              f"may have at most {p.MAX_FRAME} bytes, 16 MiB)")
+
+
 # ---- usage --------------------------------------------------------------------------
 
 
@@ -337,6 +365,40 @@ def test_no_autostart_and_no_daemon_exit_3(how: str, wfctl: Callable, wfd_tmp: P
     line = one_line(done)
     assert f"cannot reach wfd at {wfd_tmp / 'xdg' / 'wfd' / 'wfd.sock'}" in line
     assert not (wfd_tmp / "state").exists(), "nothing may be started"
+
+
+def test_a_default_socket_in_a_directory_open_to_others_gets_nothing(
+    wfctl: Callable, wfd_tmp: Path, fake: Callable,
+) -> None:
+    # Without XDG_RUNTIME_DIR the user socket is <tmp>/wfd-<uid>/wfd.sock: in a shared
+    # temp dir, someone may have made that directory first. (The same with other users,
+    # and a peer of another uid: tests/test_client_trust.py.)
+    if Path("/run/wfd/wfd.sock").exists():
+        pytest.skip("a system wfd socket exists on this machine")
+    tmp = wfd_tmp / "tmp"
+    planted = tmp / f"wfd-{os.getuid()}"
+    planted.mkdir(parents=True)
+    server = fake(lambda request: [p.RunList([])], name=f"tmp/wfd-{os.getuid()}/wfd.sock")
+    planted.chmod(0o777)
+    env = {"TMPDIR": str(tmp), "XDG_RUNTIME_DIR": None, "WFD_NO_AUTOSTART": None,
+           "WFD_STATE_DIR": str(wfd_tmp / "state")}
+    done = wfctl("status", env=env)
+    assert_clean_error(done, 3)
+    assert one_line(done) == (f"wfctl: not talking to {server.path}: {planted} is writable by "
+                              "others (mode 777); someone else may have put it there")
+    assert server.connections == 0
+    assert not (wfd_tmp / "state").exists(), "nothing may be started"
+    planted.chmod(0o700)  # the same directory, closed: now it is the user's daemon
+    done = wfctl("status", "--json", env=env)
+    assert done.returncode == 0, done.stderr
+    assert server.kinds() == ["Hello", "Status"]
+
+
+def test_the_documented_hello_timeout_is_the_one_used() -> None:
+    from wfctl.conn import HELLO_TIMEOUT
+
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "protocol.md").read_text()
+    assert f" {HELLO_TIMEOUT:g}-second timeout" in doc
 
 
 @pytest.mark.parametrize("position", ["before", "after"])
@@ -435,6 +497,52 @@ def test_run_with_a_relative_path_sends_an_absolute_base_dir(
     done = wfctl("run", "sub/wf.json", "--socket", str(server.path), cwd=wfd_tmp)
     assert done.returncode == 0, done.stderr
     assert server.requests[-1].base_dir == str(wfd_tmp / "sub")
+
+
+def test_run_over_the_frame_limit_is_exit_2_and_contacts_nothing(
+    wfctl: Callable, wfd_tmp: Path, fake: Callable,
+) -> None:
+    # The file fits, the file with the environment does not: the daemon would cut the
+    # frame off ("Broken pipe", exit 3), so wfctl measures it before it connects.
+    server = fake(submitted)
+    filler = "x" * (p.MAX_FRAME - 1000)
+    path = write_workflow(wfd_tmp, {"steps": [{"id": "a", "command": "true",
+                                               "env": {"FILLER": filler}}]})
+    assert path.stat().st_size <= p.MAX_FRAME
+    done = wfctl("run", str(path), "--socket", str(server.path),
+                 env={"WFCTL_TEST_BIG": "y" * 100_000})
+    assert_clean_error(done, 2)
+    line = one_line(done)
+    assert line.startswith(f"wfctl: {path}: too large to submit (")
+    assert line.endswith(f"bytes with the environment; at most {p.MAX_FRAME} bytes, 16 MiB)")
+    assert server.connections == 0
+
+
+def test_run_drops_environment_variables_that_are_not_utf8(
+    wfctl: Callable, wfd_tmp: Path, fake: Callable,
+) -> None:
+    # `env $'X=\xff' wfctl run` was an internal error (exit 70): such variables cannot
+    # travel as text, so they are left out, and named.
+    server = fake(submitted)
+    path = write_workflow(wfd_tmp, GOOD)
+    bad_value, bad_name = os.fsdecode(b"\xff"), os.fsdecode(b"WFCTL_N\xfeAME")
+    done = wfctl("run", str(path), "--socket", str(server.path),
+                 env={"WFCTL_BAD_VALUE": bad_value, bad_name: "x", "WFCTL_FINE": "ok"})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == RUN_ID + "\n"
+    assert done.stderr == ("wfctl: warning: not passing WFCTL_BAD_VALUE, WFCTL_N\\xfeAME "
+                           "to the steps: not UTF-8 (wfd carries the environment as text)\n")
+    env = server.requests[-1].env
+    assert env["WFCTL_FINE"] == "ok"
+    assert not {k for k in env if k.startswith(("WFCTL_BAD", "WFCTL_N"))}
+
+
+def test_arguments_that_are_not_utf8_are_bad_usage(wfctl: Callable, fake: Callable) -> None:
+    server = fake(lambda request: [p.RunList([])])
+    done = wfctl("cancel", os.fsdecode(b"run-\xff"), "--socket", str(server.path))
+    assert_clean_error(done, 2)
+    assert one_line(done) == ("wfctl: cannot send Cancel: an argument is not UTF-8 "
+                              "(wfd carries text)")
 
 
 def watched(final: RunStatus, events: list[ev.Event] | None = None) -> Callable:
@@ -549,7 +657,8 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
                                    "finished_at", "error", "steps"]
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
-                                                    "started_at", "finished_at", "error"]
+                                                    "started_at", "finished_at", "error",
+                                                    "depends_on"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 

@@ -234,14 +234,52 @@ def _connect(args: argparse.Namespace, autostart: bool = True) -> Connection:
     return open_connection(args.socket, autostart and not args.no_autostart)
 
 
+def read_workflow(path: str) -> bytes:
+    """A workflow file's bytes: a regular file of at most the frame limit (a bigger one
+    could never be submitted). The type and size are checked before anything is read,
+    so `/dev/zero` is not read without end and a FIFO does not block."""
+    import stat
+
+    from wfd.protocol import MAX_FRAME
+
+    try:
+        mode = os.stat(path).st_mode
+        # A device is refused unopened; O_NONBLOCK: a FIFO put there after the stat must
+        # not block the open (the fstat below refuses it).
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC) if stat.S_ISREG(mode) else -1
+    except OSError as e:
+        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    if fd < 0:
+        raise UsageError(f"cannot read {path}: {_not_regular(mode)}")
+    with open(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UsageError(f"cannot read {path}: {_not_regular(info.st_mode)}")
+        try:
+            data = f.read(MAX_FRAME + 1) if info.st_size <= MAX_FRAME else b""
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    size = max(info.st_size, len(data))
+    if size > MAX_FRAME:
+        raise UsageError(f"{path}: too large ({size} bytes; a workflow may have at most "
+                         f"{MAX_FRAME} bytes, 16 MiB)")
+    return data
+
+
+def _not_regular(mode: int) -> str:
+    import stat
+
+    kinds = [(stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+             (stat.S_ISSOCK, "a socket")]
+    kind = next((name for test, name in kinds if test(mode)), "not a file")
+    return f"not a regular file ({kind})"
+
+
 def load_workflow(path: str) -> tuple[str, int]:
     """Read and validate a workflow file: its text and number of steps. Problems are
     reported as `FILE: problem`, one a line, and end the command with exit 2."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as e:
-        raise UsageError(f"cannot read {path}: {e.strerror or e}") from None
+    data = read_workflow(path)
     from wfd.errors import WorkflowInvalid
     from wfd.workflow import parse_workflow
 
@@ -288,14 +326,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wfd import protocol
 
     text, _ = load_workflow(args.file)  # before anything is contacted
-    conn = _connect(args)
     umask = os.umask(0o077)  # reading the umask means setting it; put it back at once
     os.umask(umask)
+    base_dir = os.path.dirname(os.path.abspath(args.file))
+    if not _is_text(base_dir):
+        raise UsageError(f"{args.file}: its directory's path is not UTF-8, and the steps' "
+                         "working directory travels to wfd as text")
     submit = protocol.Submit(
-        workflow=text, source=os.path.basename(args.file),
-        base_dir=os.path.dirname(os.path.abspath(args.file)),
-        env=dict(os.environ), umask=umask,
+        workflow=text, source=_as_text(os.path.basename(args.file)), base_dir=base_dir,
+        env=submitted_env(), umask=umask,
     )
+    size = len(protocol.encode_frame(submit)) - protocol.HEADER.size
+    if size > protocol.MAX_FRAME:  # the daemon would cut us off mid-send ("Broken pipe")
+        raise UsageError(f"{args.file}: too large to submit ({size} bytes with the "
+                         f"environment; at most {protocol.MAX_FRAME} bytes, 16 MiB)")
+    conn = _connect(args)
     run_id = conn.call(submit, protocol.Submitted).run_id  # type: ignore[attr-defined]
     out(run_id)
     sys.stdout.flush()  # a script reading the id must get it now, not at exit
@@ -307,6 +352,35 @@ def cmd_run(args: argparse.Namespace) -> int:
         say(f"wfctl: detached; run {run_id} goes on")
         return EXIT_INTERRUPTED
     return _ended(status, args.follow)
+
+
+def submitted_env() -> dict[str, str]:
+    """This environment, for the steps, without the variables that are not UTF-8 (the
+    protocol carries text; Python holds such bytes as lone surrogates): each is named
+    in one warning on stderr, rather than failing the run."""
+    env, dropped = {}, []
+    for name, value in os.environ.items():
+        if _is_text(name) and _is_text(value):
+            env[name] = value
+        else:
+            dropped.append(repr(os.fsencode(name))[2:-1])  # the raw bytes, escaped
+    if dropped:
+        say(f"wfctl: warning: not passing {', '.join(dropped)} to the steps: "
+            "not UTF-8 (wfd carries the environment as text)")
+    return env
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _as_text(value: str) -> str:
+    """A name that is only shown (the run's default name): undecodable bytes become U+FFFD."""
+    return os.fsencode(value).decode(errors="replace")
 
 
 def watch(conn: Connection, run_id: str, follow: bool) -> RunStatus:
@@ -331,7 +405,7 @@ def watch(conn: Connection, run_id: str, follow: bool) -> RunStatus:
         except Lost as e:
             conn.close()
             say(f"wfctl: {e.message}; reconnecting (run {run_id} goes on)")
-            conn = reconnect(conn.path, RECONNECT_WAIT)
+            conn = reconnect(conn.path, RECONNECT_WAIT, conn.trust)
 
 
 def _ended(status: RunStatus, follow: bool) -> int:
