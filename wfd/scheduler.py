@@ -1,12 +1,48 @@
 """What to do next, given the state and the time: pure decisions, no I/O.
 
-`decide` looks at every run the daemon drives and returns actions: events to
-record (a step became READY, is SKIPPED, its retry is due, the run finished,
-a step is CANCELLED), attempts to start, attempts to kill (timeout, cancel)
-and when to look again. It never acts and never reads the clock: the daemon
-passes `now`, performs the actions, applies the events it recorded, and calls
-`decide` again until nothing is left to do. Events a decision asks for are
-applied before the next call, so a call never repeats the previous one's work.
+A `Scheduler` looks at the runs the daemon drives and returns actions: events
+to record (a step became READY, is SKIPPED, its retry is due, the run
+finished, a step is CANCELLED), attempts to start, attempts to kill (timeout,
+cancel) and when to look again. It never acts and never reads the clock: the
+daemon passes `now`, performs the actions, applies the events it recorded,
+and calls `decide` again until nothing is left to do. Events a decision asks
+for are applied before the next call, so a call never repeats the previous
+one's work.
+
+Who starts next
+---------------
+Free slots go round-robin across *users* (run owners) first, then across that
+user's runs, then within a run in the order its steps became READY (file
+order among those that became READY together). Each round-robin is "least
+recently started first": a user who has not started a step for longest goes
+first, so a member with 3,000 queued runs gets one start and another member's
+new run gets the next free slot. A step starts only if the daemon's global
+limit, the per-user limit (`--max-steps-per-user`) and the run's
+`max_parallel` all have room.
+
+How a decision stays small
+--------------------------
+The daemon tells the scheduler what changed: `drive` a run (submitted,
+adopted, resumed), `touch` it whenever one of its events is applied, `drop`
+it once finished. A decision looks only at
+
+- the *dirty* runs (touched since the last decision, or whose timer came
+  due): their housekeeping and whether they can start a step now;
+- the timer heap of (time, run): each run's earliest retry or deadline;
+- while a slot is free, the start queues: a heap of (last start, uid) of the
+  users who may start a step, and per user a heap of (last start, run id) of
+  their runs that have a READY step and room under `max_parallel`.
+
+"Last start" is a counter, not a time: `drive` gives a run a fresh one (it
+queues behind that user's waiting runs), a start gives the run and its user a
+fresh one. Running steps are counted per run, per user and in total, adjusted
+by each dirty run's change. A start pops the user and their run, and pushes
+both back if they can take another step. Entries are removed lazily: an entry
+whose run was dropped, or which can no longer start, is discarded when popped
+and pushed again when an event makes its run dirty. Every entry is pushed
+because of an event or a start, so a decision costs the dirty runs' active
+steps plus O(log n) per start and per discarded entry; a queued run that
+nothing happens to costs nothing, also when thousands wait.
 
 `outcome` turns the end of an attempt into the event that records it; the
 random factor of backoff jitter is an argument, so the core stays
@@ -15,9 +51,11 @@ deterministic and the event carries the time it chose.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import os
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -62,35 +100,250 @@ class Decision:
     actions: list[Action] = field(default_factory=list)
     wake_at: float | None = None  # the earliest time a timer must call decide again
 
-    def wake(self, at: float) -> None:
-        if self.wake_at is None or at < self.wake_at:
-            self.wake_at = at
+
+class _Driven:
+    """What the scheduler keeps about one run it drives."""
+
+    __slots__ = ("uid", "stamp", "running", "queued", "wake")
+
+    def __init__(self, uid: int, stamp: int) -> None:
+        self.uid = uid
+        self.stamp = stamp  # last start (or when it came to be driven)
+        self.running = 0  # its RUNNING steps as last counted
+        self.queued = False  # has a live entry in its user's queue
+        self.wake: float | None = None  # its live entry in the timer heap
 
 
-def decide(
-    runs: Mapping[str, RunState],
-    order: Iterable[str],
-    limit: int,
-    now: float,
-) -> Decision:
-    """Actions for the runs named in `order` (runs the daemon drives, least recently
-    started first, which makes starts round-robin across runs); `limit` is the
-    daemon's global `--max-parallel`."""
-    decision = Decision()
-    driven = [runs[run_id] for run_id in order]
-    for run in driven:
+class _User:
+    """One run owner: their running steps, driven runs and queue of runs."""
+
+    __slots__ = ("uid", "stamp", "running", "runs", "queue", "queued")
+
+    def __init__(self, uid: int) -> None:
+        self.uid = uid
+        self.stamp = 0  # last start; 0 for never, so a newcomer goes first
+        self.running = 0
+        self.runs = 0
+        self.queue: list[tuple[int, str]] = []  # (stamp, run id) of runs that may start
+        self.queued = False  # has an entry in the users' queue
+
+    def room(self, per_user: int | None, taken: int) -> bool:
+        return per_user is None or self.running + taken < per_user
+
+
+class Scheduler:
+    """Decisions for the runs the daemon drives (module docstring: how it stays small).
+
+    A user is kept for the daemon's life (a few hundred bytes per uid ever seen), so
+    their last start is remembered between their runs."""
+
+    def __init__(self, runs: Mapping[str, RunState], limit: int,
+                 per_user: int | None = None) -> None:
+        self.runs = runs  # every run's state by id, kept current by the caller's `apply`
+        self.limit = limit  # the daemon's global --max-parallel
+        self.per_user = per_user  # --max-steps-per-user; None: the global limit only
+        self._driven: dict[str, _Driven] = {}
+        self._users: dict[int, _User] = {}
+        self._dirty: dict[str, None] = {}  # ordered, so decisions are deterministic
+        self._timers: list[tuple[float, str]] = []
+        self._queue: list[tuple[int, int]] = []  # (stamp, uid) of users who may start
+        self._running = 0
+        self._stamps = itertools.count(1)
+
+    def __contains__(self, run_id: object) -> bool:
+        return run_id in self._driven
+
+    def __len__(self) -> int:
+        return len(self._driven)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._driven)
+
+    def runs_of(self, uid: int) -> int:
+        """How many runs of `uid` are driven (for `--max-runs-per-user`)."""
+        user = self._users.get(uid)
+        return 0 if user is None else user.runs
+
+    # ---- what changed ---------------------------------------------------------
+
+    def drive(self, run_id: str) -> None:
+        """Start driving a run (submitted, adopted, resumed); its owner is read now."""
+        if run_id not in self._driven:
+            uid = self.runs[run_id].owner_uid
+            user = self._users.get(uid)
+            if user is None:
+                user = self._users[uid] = _User(uid)
+            user.runs += 1
+            self._driven[run_id] = _Driven(uid, next(self._stamps))
+        self._dirty[run_id] = None
+
+    def touch(self, run_id: str) -> None:
+        """An event of the run was applied: look at it in the next decision."""
+        if run_id in self._driven:
+            self._dirty[run_id] = None
+
+    def drop(self, run_id: str) -> None:
+        """Stop driving a run (it finished). Its queue and timer entries go stale."""
+        driven = self._driven.pop(run_id, None)
+        if driven is None:
+            return
+        self._dirty.pop(run_id, None)
+        user = self._users[driven.uid]
+        user.runs -= 1
+        self._recount(user, driven, 0)
+        self._offer(user, 0)
+
+    # ---- deciding ---------------------------------------------------------------
+
+    def decide(self, now: float) -> Decision:
+        """Housekeeping of the dirty runs; if that records nothing, starts. A
+        decision that records events starts nothing, so a start always sees the
+        READY steps those events make."""
+        decision = Decision()
+        if self._timers and self._timers[0][0] <= now:
+            self._due(now)
+        dirty, self._dirty = self._dirty, {}
+        for run_id in dirty:
+            self._refresh(run_id, now, decision)
+        if not any(isinstance(a, Emit) for a in decision.actions):
+            self._starts(decision)
+        if self._timers:
+            self._next_wake(decision)
+        return decision
+
+    def _refresh(self, run_id: str, now: float, decision: Decision) -> None:
+        """Count the run's RUNNING steps, do its housekeeping, queue it if it can start.
+        (The hot path of every step: the small checks are inlined.)"""
+        driven = self._driven[run_id]
+        run = self.runs[run_id]
+        user = self._users[driven.uid]
+        self._recount(user, driven, run.counts[RUNNING])
         if not run.finished:
-            _housekeeping(run, now, decision)
-    if not any(isinstance(a, Emit) for a in decision.actions):
-        _starts(driven, limit, decision)
-    return decision
+            wake = _housekeeping(run, now, decision.actions.append)
+            if wake != driven.wake:
+                self._set_timer(run_id, driven, wake)
+        if not driven.queued:
+            self._enqueue(run_id, run, driven, user, 0)
+        if not user.queued:
+            self._offer(user, 0)
+
+    def _recount(self, user: _User, driven: _Driven, running: int) -> None:
+        delta = running - driven.running
+        driven.running = running
+        user.running += delta
+        self._running += delta
+
+    # ---- timers -------------------------------------------------------------------
+
+    def _due(self, now: float) -> None:
+        """Runs whose retry or deadline came: dirty."""
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            at, run_id = heapq.heappop(timers)
+            driven = self._driven.get(run_id)
+            if driven is not None and driven.wake == at:
+                driven.wake = None
+                self._dirty[run_id] = None
+
+    def _set_timer(self, run_id: str, driven: _Driven, wake: float | None) -> None:
+        driven.wake = wake
+        if wake is not None:
+            heapq.heappush(self._timers, (wake, run_id))
+            if len(self._timers) > 2 * len(self._driven) + 64:
+                self._timers = [t for t in self._timers if self._live_timer(*t)]
+                heapq.heapify(self._timers)
+
+    def _live_timer(self, at: float, run_id: str) -> bool:
+        driven = self._driven.get(run_id)
+        return driven is not None and driven.wake == at
+
+    def _next_wake(self, decision: Decision) -> None:
+        timers = self._timers
+        while timers and not self._live_timer(*timers[0]):
+            heapq.heappop(timers)
+        if timers:
+            decision.wake_at = timers[0][0]
+
+    # ---- starts ---------------------------------------------------------------------
+
+    def _startable(self, run: RunState, taken: int) -> bool:
+        """`taken`: steps of this run already started in this decision."""
+        if run.finished or run.cancelling or len(run.ready) <= taken:
+            return False
+        cap = run.workflow.max_parallel
+        return cap is None or run.counts[RUNNING] + taken < cap
+
+    def _enqueue(self, run_id: str, run: RunState, driven: _Driven, user: _User,
+                 taken: int) -> None:
+        if driven.queued or not self._startable(run, taken):
+            return
+        driven.queued = True
+        heapq.heappush(user.queue, (driven.stamp, run_id))
+        if len(user.queue) > 2 * user.runs + 64:  # stale entries of dropped runs
+            user.queue = [e for e in user.queue if self._live_entry(*e)]
+            heapq.heapify(user.queue)
+
+    def _live_entry(self, stamp: int, run_id: str) -> bool:
+        driven = self._driven.get(run_id)
+        return driven is not None and driven.queued and driven.stamp == stamp
+
+    def _offer(self, user: _User, taken: int) -> None:
+        """Queue the user if they have a run to start and room under the limit."""
+        if not user.queued and user.queue and user.room(self.per_user, taken):
+            user.queued = True
+            heapq.heappush(self._queue, (user.stamp, user.uid))
+
+    def _starts(self, decision: Decision) -> None:
+        """Fill free slots: the user who started least recently, their run that
+        started least recently, its first READY step not taken yet; repeat."""
+        free = self.limit - self._running
+        if free <= 0 or not self._queue:
+            return
+        taken: dict[str, int] = {}  # starts per run in this decision
+        by_user: dict[int, int] = {}
+        ready: dict[str, Iterator[str]] = {}
+        while free > 0 and self._queue:
+            uid = heapq.heappop(self._queue)[1]
+            user = self._users[uid]
+            user.queued = False
+            if not user.room(self.per_user, by_user.get(uid, 0)):
+                continue  # offered again when one of their steps ends
+            run_id = self._next_run(user, taken)
+            if run_id is None:
+                continue
+            run = self.runs[run_id]
+            steps = ready.get(run_id)
+            if steps is None:
+                steps = ready[run_id] = iter(run.ready)
+            step_id = next(steps)
+            decision.actions.append(Start(run_id, step_id, run.steps[step_id].attempts + 1))
+            free -= 1
+            taken[run_id] = taken.get(run_id, 0) + 1
+            by_user[uid] = by_user.get(uid, 0) + 1
+            driven = self._driven[run_id]
+            driven.stamp = user.stamp = next(self._stamps)
+            self._dirty[run_id] = None  # the next decision sees what came of the start
+            self._enqueue(run_id, run, driven, user, taken[run_id])
+            self._offer(user, by_user[uid])
+
+    def _next_run(self, user: _User, taken: dict[str, int]) -> str | None:
+        """Pop the user's least recently started run that can start a step now;
+        entries that went stale or cannot start are discarded on the way."""
+        while user.queue:
+            stamp, run_id = heapq.heappop(user.queue)
+            if not self._live_entry(stamp, run_id):
+                continue
+            self._driven[run_id].queued = False
+            if self._startable(self.runs[run_id], taken.get(run_id, 0)):
+                return run_id
+        return None
 
 
-def _housekeeping(run: RunState, now: float, decision: Decision) -> None:
-    """Everything but starting attempts, for one run."""
-    add = decision.actions.append
+def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> float | None:
+    """Everything but starting attempts, for one run; returns when to look again."""
+    wake: float | None = None
     if run.cancelling:
-        _cancel(run, decision)
+        _cancel(run, add)
     for step_id, cause in run.skippable.items():
         add(Emit(run.run_id, ev.StepSkipped, {"step": step_id, "cause": cause}))
     for step_id in run.promotable:
@@ -100,53 +353,29 @@ def _housekeeping(run: RunState, now: float, decision: Decision) -> None:
         at = run.steps[step_id].retry_at_epoch
         if at <= now:
             add(Emit(run.run_id, ev.RetryDue, {"step": step_id}))
-        else:
-            decision.wake(at)
+        elif wake is None or at < wake:
+            wake = at
     for step_id in run.running:
         rec = run.steps[step_id]
         if rec.deadline is None:
             continue
         if rec.deadline <= now:
             add(Kill(run.run_id, step_id, rec.attempts, "timeout"))
-        else:
-            decision.wake(rec.deadline)
+        elif wake is None or rec.deadline < wake:
+            wake = rec.deadline
     if run.all_terminal():
         add(Emit(run.run_id, ev.RunFinished, {"state": run.outcome()}))
+    return wake
 
 
-def _cancel(run: RunState, decision: Decision) -> None:
+def _cancel(run: RunState, add: Callable[[Action], None]) -> None:
     for rec in run.steps.values():
         if rec.state in TERMINAL:
             continue
         if rec.state == RUNNING:
-            decision.actions.append(Kill(run.run_id, rec.id, rec.attempts, "cancel"))
+            add(Kill(run.run_id, rec.id, rec.attempts, "cancel"))
         else:
-            decision.actions.append(Emit(run.run_id, ev.StepCancelled, {"step": rec.id}))
-
-
-def _starts(driven: list[RunState], limit: int, decision: Decision) -> None:
-    """Fill free slots one start per run per round: round-robin across runs, and
-    within a run in the order steps became READY."""
-    free = limit - sum(run.counts[RUNNING] for run in driven)
-    queues = []
-    for run in driven:
-        if run.finished or run.cancelling or not run.ready:
-            continue
-        cap = run.workflow.max_parallel
-        room = len(run.ready) if cap is None else min(len(run.ready), cap - run.counts[RUNNING])
-        if room > 0:
-            queues.append((run, iter(run.ready), room))
-    while free > 0 and queues:
-        next_round = []
-        for run, ready, room in queues:
-            if free == 0:
-                break
-            step_id = next(ready)
-            decision.actions.append(Start(run.run_id, step_id, run.steps[step_id].attempts + 1))
-            free -= 1
-            if room > 1:
-                next_round.append((run, ready, room - 1))
-        queues = next_round
+            add(Emit(run.run_id, ev.StepCancelled, {"step": rec.id}))
 
 
 # ---- the end of an attempt ------------------------------------------------------
