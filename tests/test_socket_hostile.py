@@ -27,8 +27,8 @@ from helpers import Daemon, write_workflow
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from wfd import channel as ch
 from wfd import protocol as p
-from wfd import server as srv
 
 HEADER = struct.Struct(">I")
 MB = 1024 * 1024
@@ -349,18 +349,18 @@ def test_slow_idle_and_greedy_clients_do_not_hold_up_a_run(
         assert time.monotonic() - started < 8
         # Their deadlines: a frame must be whole 10 s after its first byte; a large one
         # waits 10 s at most for budget. Each is told why, then closed.
-        hostile.join(["byte-a-second", "16 MiB announced"], timeout=srv.FRAME_TIMEOUT + 10)
+        hostile.join(["byte-a-second", "16 MiB announced"], timeout=ch.FRAME_TIMEOUT + 10)
         slow = hostile.results["byte-a-second"]
         assert len(slow) == 3
         for replies, took in slow:
             assert [r.message for r in replies] == [
-                f"frame not complete within {srv.FRAME_TIMEOUT:g} s of its first byte; closing"]
-            assert took < srv.FRAME_TIMEOUT + 3
+                f"frame not complete within {ch.FRAME_TIMEOUT:g} s of its first byte; closing"]
+            assert took < ch.FRAME_TIMEOUT + 3
         greedy = [r for replies, _ in hostile.results["16 MiB announced"] for r in replies]
         assert len(greedy) == 8
         # as many as fit in the budget got it and were cut off at the frame deadline; the
         # others were told, sooner, that the daemon is busy
-        fit = srv.BUDGET // (16 * MB)
+        fit = ch.BUDGET // (16 * MB)
         assert sum("not complete" in r.message for r in greedy) == fit
         assert sum(r.message == "wfd is busy reading other large requests; try again"
                    for r in greedy) == 8 - fit
@@ -448,7 +448,7 @@ def test_200_clients_announcing_16_mib_cannot_exhaust_memory(
             assert hello_and_status(d.socket)
             assert time.monotonic() - started < 2, "a small request waited behind large ones"
         for thread in threads:
-            thread.join(srv.FRAME_TIMEOUT + srv.BUDGET_WAIT + 20)
+            thread.join(ch.FRAME_TIMEOUT + ch.BUDGET_WAIT + 20)
     finally:
         stop.set()
         monitor.join()
@@ -458,7 +458,7 @@ def test_200_clients_announcing_16_mib_cannot_exhaust_memory(
     assert all("not complete" in m or "busy" in m for m in messages)
     grown = peak[0] - baseline
     print(f"daemon memory grew by {grown // MB} MiB at most")
-    assert grown < srv.BUDGET + 40 * MB, f"daemon grew by {grown // MB} MiB"
+    assert grown < ch.BUDGET + 40 * MB, f"daemon grew by {grown // MB} MiB"
     assert_daemon_healthy(d)
 
 

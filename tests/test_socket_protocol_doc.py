@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import pytest
 from helpers import REPO, Daemon, base_env
 
 from wfd import protocol as p
@@ -33,7 +34,7 @@ def test_the_documented_raw_client_works(daemon: Callable[..., Daemon], wfd_tmp:
                           env=base_env(d.mark), capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert re.fullmatch(r"wfd \S+ \(protocol 1, pid \d+\)", lines[0])
+    assert re.fullmatch(rf"wfd \S+ \(protocol {p.PROTOCOL}, pid \d+\)", lines[0])
     run_id = lines[1].removeprefix("run ")
     assert d.run_ids() == {run_id}
     assert f"run {run_id} SUCCEEDED" in lines
@@ -42,16 +43,20 @@ def test_the_documented_raw_client_works(daemon: Callable[..., Daemon], wfd_tmp:
     assert lines[-1] == "hello"
 
 
+@pytest.mark.parametrize("theirs", [p.PROTOCOL - 1, p.PROTOCOL + 1])
 def test_the_documented_client_reports_a_version_mismatch(
-        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+        daemon: Callable[..., Daemon], wfd_tmp: Path, theirs: int) -> None:
+    """An older client (protocol 1 replies come whole) and a newer one both get a clear
+    answer, in the daemon's own version."""
     d = daemon()
     script = wfd_tmp / "client.py"
-    script.write_text(example_client().replace("PROTOCOL = 1", "PROTOCOL = 2"))
+    script.write_text(example_client().replace(f"PROTOCOL = {p.PROTOCOL}",
+                                               f"PROTOCOL = {theirs}"))
     done = subprocess.run([sys.executable, str(script), str(d.socket)], cwd=wfd_tmp,
                           env=base_env(d.mark), capture_output=True, text=True, timeout=60)
     # the daemon answers in its own version; the client sees that in the envelope
     assert done.returncode == 3
-    assert done.stderr == "wfd speaks protocol 1, this client speaks 2\n"
+    assert done.stderr == f"wfd speaks protocol {p.PROTOCOL}, this client speaks {theirs}\n"
 
 
 def test_every_message_and_field_is_documented() -> None:

@@ -10,6 +10,7 @@ seconds to minutes at their real values.
 from __future__ import annotations
 
 import asyncio
+import socket
 import struct
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from wfd import channel as ch
 from wfd import protocol as p
 from wfd import server as srv
 from wfd import state as st
@@ -85,10 +87,10 @@ async def status_round_trip(path: str) -> float:
 
 @pytest.fixture
 def short_deadlines(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(srv, "IDLE_TIMEOUT", 0.4)
-    monkeypatch.setattr(srv, "FRAME_TIMEOUT", 0.4)
-    monkeypatch.setattr(srv, "WRITE_TIMEOUT", 0.4)
-    monkeypatch.setattr(srv, "BUDGET_WAIT", 0.4)
+    monkeypatch.setattr(ch, "IDLE_TIMEOUT", 0.4)
+    monkeypatch.setattr(ch, "FRAME_TIMEOUT", 0.4)
+    monkeypatch.setattr(ch, "WRITE_TIMEOUT", 0.4)
+    monkeypatch.setattr(ch, "BUDGET_WAIT", 0.4)
 
 
 def test_idle_connection_is_closed_after_the_idle_deadline(
@@ -162,8 +164,11 @@ def test_cut_frame_and_garbage_close_only_that_connection(
 
 def test_large_frames_wait_for_budget_small_ones_never_do(
         tmp_path: Path, short_deadlines: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(srv, "BUDGET", 4 * srv.SMALL_FRAME)
-    size = 2 * srv.SMALL_FRAME
+    monkeypatch.setattr(ch, "BUDGET", 4 * ch.SMALL_FRAME)
+    # the waiters give up well before the holders are cut off (no race on a busy machine)
+    monkeypatch.setattr(ch, "BUDGET_WAIT", 0.2)
+    monkeypatch.setattr(ch, "FRAME_TIMEOUT", 0.8)
+    size = 2 * ch.SMALL_FRAME
 
     async def scenario(server: srv.Server, path: str) -> None:
         hogs = []
@@ -188,7 +193,7 @@ def test_large_frames_wait_for_budget_small_ones_never_do(
 
 def test_budget_is_granted_in_arrival_order() -> None:
     async def scenario() -> None:
-        budget = srv.Budget(100)
+        budget = ch.Budget(100)
         order: list[str] = []
 
         async def take(name: str, size: int) -> None:
@@ -215,7 +220,7 @@ def test_budget_is_granted_in_arrival_order() -> None:
 
 def test_budget_waiter_that_times_out_unblocks_those_behind_it() -> None:
     async def scenario() -> None:
-        budget = srv.Budget(100)
+        budget = ch.Budget(100)
         assert await budget.acquire(50, 1)
         assert not await budget.acquire(100, 0.05)  # gives up; must not block the next
         assert await budget.acquire(50, 0.05)
@@ -291,3 +296,117 @@ def test_a_stream_ends_when_its_client_is_gone_not_when_it_half_closes(
         assert not server.engine.watchers
 
     serve(tmp_path, scenario)
+
+
+# ---- budgets with a share per user (issue 11.8) -------------------------------------
+
+
+def test_budget_share_keeps_one_user_from_holding_up_another() -> None:
+    async def scenario() -> None:
+        budget = ch.Budget(100, share=40)
+        assert await budget.acquire(40, 1, key=1)  # user 1 is at its share
+        second = asyncio.ensure_future(budget.acquire(30, 5, key=1))
+        third = asyncio.ensure_future(budget.acquire(10, 5, key=1))
+        await asyncio.sleep(0.01)
+        assert not second.done() and not third.done()
+        # user 2 is not behind user 1's waiters: they wait for user 1's own bytes
+        assert await budget.acquire(40, 0.01, key=2)
+        assert await budget.acquire(20, 0.01, key=None)  # no share: only the total
+        assert budget.free == 0
+        budget.release(40, key=1)
+        assert await second and await third  # in user 1's order; 40 is its share again
+        assert budget.used[1] == 40
+        for size, key in ((30, 1), (10, 1), (40, 2), (20, None)):
+            budget.release(size, key)
+        assert budget.free == 100 and not budget.used and not budget.waiters
+
+    asyncio.run(scenario())
+
+
+def test_budget_share_keeps_a_users_own_order() -> None:
+    async def scenario() -> None:
+        budget = ch.Budget(100, share=50)
+        assert await budget.acquire(30, 1, key=1)
+        big = asyncio.ensure_future(budget.acquire(40, 5, key=1))  # over the share: waits
+        await asyncio.sleep(0)
+        # a later, smaller one of the same user would fit, but does not overtake it
+        assert not await budget.acquire(10, 0.05, key=1)
+        budget.release(30, key=1)
+        assert await big
+        with pytest.raises(ValueError):
+            await budget.acquire(51, 1, key=3)
+
+    asyncio.run(scenario())
+
+
+# ---- replies: backpressure, not a deadline per frame (issues 10.6, 11.2) -------------
+
+
+def add_finished_log(server: srv.Server, size: int,
+                     run_id: str = "20260101T000000Z-00000002") -> str:
+    """A run whose step `a` SUCCEEDED after printing `size` bytes."""
+    run_id = add_running_run(server, run_id)
+    rec = server.engine.runs[run_id].steps["a"]
+    rec.attempts, rec.state = 1, st.SUCCEEDED
+    logs = server.engine.layout.state_dir / "runs" / run_id / "logs"
+    logs.mkdir(parents=True, mode=0o700)
+    (logs / "a.1.log").write_bytes(bytes(range(256)) * (size // 256))
+    return run_id
+
+
+def test_a_slow_reader_that_makes_progress_is_not_cut_off(
+        tmp_path: Path, short_deadlines: None) -> None:
+    size = 1024 * 1024
+
+    async def scenario(server: srv.Server, path: str) -> None:
+        run_id = add_finished_log(server, size)
+        loop = asyncio.get_running_loop()
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.setblocking(False)
+            await loop.sock_connect(sock, path)
+            await loop.sock_sendall(sock, frame(p.Logs(run_id=run_id, step="a")))
+            data = bytearray()
+            started = loop.time()
+            while chunk := await loop.sock_recv(sock, 16 * 1024):
+                data += chunk
+                await asyncio.sleep(0.05)  # 16 KiB at a time: far slower than the sender
+        replies = replies_in(bytes(data))
+        assert isinstance(replies[-1], p.LogEnd), replies[-1]
+        assert sum(len(r.data) for r in replies if isinstance(r, p.LogData)) == size
+        assert loop.time() - started > 4 * ch.WRITE_TIMEOUT  # each frame took longer
+
+    serve(tmp_path, scenario)
+
+
+def test_a_client_that_reads_nothing_pins_one_frame_then_is_cut_off(
+        tmp_path: Path, short_deadlines: None) -> None:
+    async def scenario(server: srv.Server, path: str) -> None:
+        run_id = add_finished_log(server, 8 * 1024 * 1024)
+        reader, writer = await asyncio.open_unix_connection(path)
+        writer.write(frame(p.Logs(run_id=run_id, step="a")))
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        while not server.connections and loop.time() - started < 1:
+            await asyncio.sleep(0.01)
+        held = 0
+        while server.connections and loop.time() - started < 5:
+            held = max(held, server.reply_budget.total - server.reply_budget.free)
+            await asyncio.sleep(0.01)
+        assert not server.connections, "a client that reads nothing was not cut off"
+        assert loop.time() - started < 2
+        # at most one frame of replies was ever held for it, budgeted
+        assert 0 < held <= p.encode_frame(p.LogData(1, bytes(srv.LOG_CHUNK))).__len__()
+        assert server.reply_budget.free == server.reply_budget.total
+        writer.transport.abort()
+
+    serve(tmp_path, scenario)
+
+
+def replies_in(data: bytes) -> list[p.Message]:
+    replies = []
+    while data:
+        length = p.frame_length(data[:4])
+        assert len(data) >= 4 + length, "a torn frame"
+        replies.append(p.decode_reply(data[4:4 + length]))
+        data = data[4 + length:]
+    return replies

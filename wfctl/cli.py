@@ -435,7 +435,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         lines = None if args.json else render.run_lines(status, time.time())
         shown: object = status
     else:
-        runs = conn.call(protocol.Status(), protocol.RunList).runs  # type: ignore[attr-defined]
+        reply = conn.call(protocol.Status(), protocol.RunList)
+        if reply.storage_error:  # type: ignore[attr-defined]
+            say(f"wfctl: warning: wfd {reply.storage_error}; "  # type: ignore[attr-defined]
+                "no run makes progress until it can")
+        runs = reply.runs  # type: ignore[attr-defined]
         if not runs and not args.json:
             say("no runs")
             return EXIT_OK

@@ -10,6 +10,15 @@ failing on an unknown tag. Messages are msgspec Structs in two tagged unions,
 A request gets one reply, except `Watch` and `Logs`, which get a stream of
 replies ending with `RunEnded` / `LogEnd` (or `Error`).
 
+No reply is too big to send (protocol 2). A long list or map goes in parts:
+`RunsPart`, `StepsPart` and `ReplayPart` frames, each a slice of about
+`PART_SIZE` bytes, come before the reply they belong to, and the receiver
+prepends their items to the reply's own (`Assembler`). So the daemon makes a
+reply a slice at a time, from live state or a log file, and never holds all
+of it. A single message that is still too big for one frame (a 16 MiB name)
+comes as `Fragment`s of its encoding. `recv_reply` does both and returns whole
+replies; `recv_message` returns what one frame (or its fragments) carried.
+
 Versions: the envelope `{v, msg}` never changes. Any change to a message (a
 new field, a new type, a new constraint) bumps `PROTOCOL`: messages forbid
 unknown fields, so peers of different versions must not try to understand
@@ -21,16 +30,21 @@ from __future__ import annotations
 
 import socket
 import struct
-from typing import Annotated, Union
+from collections.abc import Iterable, Iterator
+from typing import Annotated, TypeVar, Union
 
 import msgspec
 
 from wfd.events import AnyEvent
-from wfd.state import RunStatus, RunSummary
+from wfd.state import RunStatus, RunSummary, StepStatus
 
-PROTOCOL = 1
+PROTOCOL = 2
 MAX_FRAME = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
+PART_SIZE = 256 * 1024  # bytes of items the daemon puts in one part (at least one item)
+FRAGMENT_SIZE = 1024 * 1024  # a message encoding to more goes as Fragments of this size
+
+T = TypeVar("T")
 
 # Constraints checked when a message is decoded: a value outside them is a bad request.
 NonNegative = Annotated[int, msgspec.Meta(ge=0)]
@@ -165,9 +179,13 @@ class RunInfo(Message):
 
 
 class RunList(Message):
-    """Runs the peer may see, oldest first."""
+    """Runs the peer may see, oldest first (after those of the `RunsPart`s before it).
+
+    `storage_error`: why the daemon cannot persist events now, if it cannot: the
+    unfinished runs are held until it can (SPEC 4)."""
 
     runs: list[RunSummary]
+    storage_error: str | None = None
 
 
 class Cancelled(Message):
@@ -223,9 +241,40 @@ class LogEnd(Message):
     step_state: str
 
 
+# ---- parts of long replies (see the module docstring) ------------------------
+
+
+class RunsPart(Message):
+    """Runs that go before those of the `RunList` that follows."""
+
+    runs: list[RunSummary]
+
+
+class StepsPart(Message):
+    """Steps that go before those of the next `status` (of a `RunInfo`, `RunEnded` or
+    `Replayed`), in file order."""
+
+    steps: dict[str, StepStatus]
+
+
+class ReplayPart(Message):
+    """Log lines and transitions that go before those of the `Replayed` that follows."""
+
+    lines: list[str] = msgspec.field(default_factory=list)
+    transitions: list[str] = msgspec.field(default_factory=list)
+
+
+class Fragment(Message):
+    """A piece of one message too big for a frame: the `data` of consecutive Fragments,
+    up to the one that is `last`, is that message's msgpack (what `msg` holds)."""
+
+    data: bytes
+    last: bool = False
+
+
 Reply = Union[  # noqa: UP007
     Error, Ok, HelloReply, Submitted, RunInfo, RunList, Cancelled, Replayed, Resumed,
-    Progress, RunEnded, LogData, LogEnd,
+    Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart, Fragment,
 ]
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)
@@ -244,8 +293,40 @@ class VersionMismatch(Exception):
 
 def encode_frame(msg: Message) -> bytes:
     """Length prefix plus envelope, ready to send."""
-    body = _encoder.encode(Envelope(PROTOCOL, msgspec.Raw(_encoder.encode(msg))))
+    return _frame(_encoder.encode(msg))
+
+
+def _frame(encoded_msg: bytes) -> bytes:
+    body = _encoder.encode(Envelope(PROTOCOL, msgspec.Raw(encoded_msg)))
     return HEADER.pack(len(body)) + body
+
+
+def encode_frames(msg: Message) -> Iterator[bytes]:
+    """The frames that carry `msg`: one, or Fragments of FRAGMENT_SIZE when it is bigger
+    (so that no message is too big to send)."""
+    encoded = _encoder.encode(msg)
+    if len(encoded) <= FRAGMENT_SIZE:
+        yield _frame(encoded)
+        return
+    view = memoryview(encoded)
+    for start in range(0, len(encoded), FRAGMENT_SIZE):
+        piece = view[start:start + FRAGMENT_SIZE]
+        yield encode_frame(Fragment(bytes(piece), start + FRAGMENT_SIZE >= len(encoded)))
+
+
+def packed(items: Iterable[T], size: int = PART_SIZE) -> Iterator[tuple[list[T], bool]]:
+    """`items` in groups of about `size` encoded bytes (at least one item each), and
+    whether each is the last group (which goes in the reply itself, not in a part)."""
+    group: list[T] = []
+    total = 0
+    for item in items:
+        weight = len(_encoder.encode(item))
+        if group and total + weight > size:
+            yield group, False
+            group, total = [], 0
+        group.append(item)
+        total += weight
+    yield group, True
 
 
 def _open(body: bytes) -> msgspec.Raw:
@@ -270,6 +351,51 @@ def decode_request(body: bytes) -> Request:
 def decode_reply(body: bytes) -> Reply:
     """Body to reply; raises msgspec.DecodeError / ValidationError or VersionMismatch."""
     return _decode(_reply_decoder, body)  # type: ignore[return-value]
+
+
+class Assembler:
+    """Puts long replies together: parts are kept until the reply they belong to comes,
+    which gets their items in front of its own. `add` returns each whole reply, and None
+    for a part. A part that no reply takes is a broken stream (ValidationError)."""
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self.runs: list[RunSummary] = []
+        self.steps: dict[str, StepStatus] = {}
+        self.lines: list[str] = []
+        self.transitions: list[str] = []
+
+    def add(self, msg: Reply) -> Reply | None:
+        if isinstance(msg, RunsPart):
+            self.runs += msg.runs
+        elif isinstance(msg, StepsPart):
+            self.steps.update(msg.steps)
+        elif isinstance(msg, ReplayPart):
+            self.lines += msg.lines
+            self.transitions += msg.transitions
+        else:
+            return self._complete(msg)
+        return None
+
+    def _complete(self, msg: Reply) -> Reply:
+        if isinstance(msg, RunList):
+            msg.runs = self.runs + msg.runs
+            self.runs = []
+        if isinstance(msg, Replayed):
+            msg.lines = self.lines + msg.lines
+            msg.transitions = self.transitions + msg.transitions
+            self.lines, self.transitions = [], []
+        status = getattr(msg, "status", None)
+        if isinstance(status, RunStatus) and self.steps:
+            self.steps.update(status.steps)
+            status.steps, self.steps = self.steps, {}
+        leftover = self.runs or self.steps or self.lines or self.transitions
+        if leftover and not isinstance(msg, Error):  # an Error ends whatever was under way
+            raise msgspec.ValidationError(f"parts of a reply came before {type(msg).__name__}")
+        self._reset()
+        return msg
 
 
 def peer_name(body: bytes) -> str:
@@ -308,9 +434,38 @@ def send(sock: socket.socket, msg: Message) -> None:
     sock.sendall(encode_frame(msg))
 
 
-def recv_reply(sock: socket.socket) -> Reply:
-    """Read one reply frame; ConnectionError when the daemon goes away."""
+def _recv_frame(sock: socket.socket) -> Reply:
     length = frame_length(_recv_exactly(sock, HEADER.size))
     if length > MAX_FRAME:
         raise ConnectionError(f"the daemon sent an oversize frame ({length} bytes)")
     return decode_reply(_recv_exactly(sock, length))
+
+
+def recv_message(sock: socket.socket) -> Reply:
+    """The next message, put together from its Fragments if it came in pieces (a reply
+    or a part); ConnectionError when the daemon goes away."""
+    msg = _recv_frame(sock)
+    if not isinstance(msg, Fragment):
+        return msg
+    data = bytearray()
+    while True:
+        data += msg.data
+        if msg.last:
+            break
+        msg = _recv_frame(sock)
+        if not isinstance(msg, Fragment):
+            raise msgspec.ValidationError(f"{type(msg).__name__} in the middle of a message")
+    whole = _reply_decoder.decode(data)
+    if isinstance(whole, Fragment):
+        raise msgspec.ValidationError("a Fragment inside a Fragment")
+    return whole
+
+
+def recv_reply(sock: socket.socket) -> Reply:
+    """The next whole reply, its parts and fragments put together; ConnectionError when
+    the daemon goes away."""
+    assembler = Assembler()
+    while True:
+        whole = assembler.add(recv_message(sock))
+        if whole is not None:
+            return whole

@@ -26,20 +26,11 @@ import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from wfd import __version__
+from wfd import __version__, channel
 from wfd import events as ev
 from wfd import protocol as p
 from wfd import state as st
-from wfd.channel import (
-    BUDGET,
-    BUDGET_SHARE,
-    READ_LIMIT,
-    REPLY_BUDGET,
-    REPLY_SHARE,
-    Budget,
-    Channel,
-    Close,
-)
+from wfd.channel import Budget, Channel, Close
 from wfd.engine import Engine
 from wfd.errors import EXIT_UNREACHABLE, UsageError, WfdError
 from wfd.eventlog import open_file, valid_run_id
@@ -95,8 +86,8 @@ class Server:
         self.uid = os.getuid()
         self.group = group
         self.gid = self._group_gid(group) if system else None
-        self.budget = Budget(BUDGET, BUDGET_SHARE)
-        self.reply_budget = Budget(REPLY_BUDGET, REPLY_SHARE)
+        self.budget = Budget(channel.BUDGET, channel.BUDGET_SHARE)
+        self.reply_budget = Budget(channel.REPLY_BUDGET, channel.REPLY_SHARE)
         self.max_connections = connection_limit()
         self.per_uid: collections.Counter[int] = collections.Counter()
         self.connections: set[asyncio.Task] = set()
@@ -152,8 +143,9 @@ class Server:
             # 3.13 unlinks the socket file on close; systemd's socket must outlive us, and
             # the daemon removes a socket it bound itself.
             extra["cleanup_socket"] = False
-        return await asyncio.start_unix_server(self._connection, sock=sock, limit=READ_LIMIT,
-                                               backlog=BACKLOG, **extra)
+        return await asyncio.start_unix_server(self._connection, sock=sock,
+                                               limit=channel.READ_LIMIT, backlog=BACKLOG,
+                                               **extra)
 
     async def _connection(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:

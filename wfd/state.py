@@ -23,7 +23,7 @@ state, which `fold` builds fresh.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
 import msgspec
@@ -463,16 +463,20 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
     )
 
 
-def run_status(run: RunState) -> RunStatus:
-    """The `status RUN_ID --json` object of a run."""
+def run_status(run: RunState, steps: bool = True) -> RunStatus:
+    """The `status RUN_ID --json` object of a run; without `steps`, its run fields only
+    (a 100,000-step run's steps are sent a part at a time, from `step_statuses`)."""
     return RunStatus(
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at, error=run.error,
-        steps={
-            rec.id: step_status(rec, list(run.workflow.steps[rec.index].depends_on))
-            for rec in run.steps.values()
-        },
+        steps=dict(step_statuses(run)) if steps else {},
     )
+
+
+def step_statuses(run: RunState) -> Iterator[tuple[str, StepStatus]]:
+    """Each step's id and status, in file order, made as they are asked for."""
+    for rec in run.steps.values():
+        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on))
 
 
 def run_summary(run: RunState) -> RunSummary:
