@@ -53,7 +53,7 @@ from wfd.errors import EXIT_USAGE, UsageError, WfdError
 from wfd.state import describe
 
 STATIC = Path(__file__).with_name("static")
-ASSETS = {"app.js": "text/javascript", "style.css": "text/css"}
+ASSETS = {"app.js": "text/javascript", "style.css": "text/css", "icon.svg": "image/svg+xml"}
 PAGES = {"runs": "index.html", "run": "run.html"}
 TICK = 1.0  # a running run's Gantt is redrawn this often when nothing happens
 COALESCE = 0.15  # events arriving within this go out as one update
@@ -355,7 +355,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
                 await _sse(response, "failure", {"error": e.message})
                 return response
             await _sse(response, "update", _view(status, events, time.time()))
-    except (ConnectionResetError, ConnectionError):
+    except ConnectionError:
         return response  # the page went away
     finally:
         stream.close()
@@ -363,16 +363,44 @@ async def run_events(request: web.Request) -> web.StreamResponse:
 
 async def step_log(request: web.Request) -> web.StreamResponse:
     """Server-sent events of a step's log: `chunk` {attempt, text}, then `end`
-    {attempt, step_state}. `?follow=1` streams until the step is over, going on to its
-    next attempts; `?attempt=N` one attempt."""
+    {attempt, step_state}. `?attempt=N`: that attempt; else every attempt, earlier ones
+    first. `?follow=1` streams until the step is over, going on to its next attempts."""
     run_id, step = request.match_info["run_id"], request.match_info["step"]
     attempt_text = request.query.get("attempt", "")
     attempt = int(attempt_text) if attempt_text.isdigit() and int(attempt_text) > 0 else None
     follow = request.query.get("follow") == "1"
+    daemon: Daemon = request.app[DAEMON]
     response = await _sse_start(request)
-    stream = Stream(request.app[DAEMON],
-                    protocol.Logs(run_id=run_id, step=step, attempt=attempt, follow=follow))
     decoders: dict[int, codecs.IncrementalDecoder] = {}
+    earlier = 0
+    if attempt is None:
+        # `Logs` without an attempt starts at the latest one; show the earlier ones first.
+        try:
+            status = (await daemon.call(protocol.Status(run_id=run_id), protocol.RunInfo)).status
+        except WfdError as e:
+            await _sse(response, "failure", {"error": e.message})
+            return response
+        step_status = status.steps.get(step)
+        earlier = step_status.attempts - 1 if step_status else 0
+    try:
+        for n in range(1, earlier + 1):
+            if not isinstance(await _forward(response, daemon, decoders, protocol.Logs(
+                    run_id=run_id, step=step, attempt=n)), protocol.LogEnd):
+                return response
+        end = await _forward(response, daemon, decoders, protocol.Logs(
+            run_id=run_id, step=step, attempt=attempt, follow=follow))
+        if isinstance(end, protocol.LogEnd):
+            await _sse(response, "end", end)
+    except ConnectionError:
+        pass  # the page went away
+    return response
+
+
+async def _forward(response: web.StreamResponse, daemon: Daemon,
+                   decoders: dict[int, codecs.IncrementalDecoder],
+                   request: protocol.Logs) -> protocol.LogEnd | None:
+    """Send one `Logs` stream's output as `chunk`s; its LogEnd, or None after a `failure`."""
+    stream = Stream(daemon, request)
     try:
         while True:
             item = await stream.queue.get()
@@ -382,14 +410,11 @@ async def step_log(request: web.Request) -> web.StreamResponse:
                 await _sse(response, "chunk", {"attempt": item.attempt,
                                                "text": decoder.decode(item.data)})
             elif isinstance(item, protocol.LogEnd):
-                await _sse(response, "end", item)
-                return response
+                return item
             else:
                 error = item.message if isinstance(item, WfdError) else f"ended: {item}"
                 await _sse(response, "failure", {"error": error})
-                return response
-    except (ConnectionResetError, ConnectionError):
-        return response
+                return None
     finally:
         stream.close()
 
