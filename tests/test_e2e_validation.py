@@ -136,6 +136,36 @@ def test_single_problem_kinds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> N
     assert state_files(d) == []
 
 
+CONTROL = [
+    ({"name": "a\u0085b"}, "$.name", "control characters"),  # C1: NEL
+    ({"name": "a\u009b2J"}, "$.name", "control characters"),  # C1: CSI
+    ({"cwd": "/tmp/\u001b[31mred\nFORGED"}, "$.steps[0].cwd", "control characters"),
+    ({"env": {"A\u001bB": "1"}}, '$.steps[0].env["A', "control characters"),
+    ({"env": {"A\u007f": "1"}}, '$.steps[0].env["A', "control characters"),
+]
+
+
+def test_control_characters_are_refused_with_their_path(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    # Names, directories and variable names reach terminals and logs: refused, and the
+    # message shows the value escaped (never a raw ESC, newline or C1 on stderr).
+    d = daemon()
+    for i, (fields, where, what) in enumerate(CONTROL):
+        step = {"id": "a", "command": "true", **{k: v for k, v in fields.items() if k != "name"}}
+        doc = {"steps": [step], **({"name": fields["name"]} if "name" in fields else {})}
+        path = write_workflow(wfd_tmp, doc, f"ctl{i}.json")
+        for command in ("validate", "run"):
+            line = assert_one_line(d.wfctl(command, str(path)))
+            assert where in line and what in line, (fields, line)
+            assert not any(0x80 <= ord(c) <= 0x9F or ord(c) < 0x20 or ord(c) == 0x7F
+                           for c in line), repr(line)
+    assert state_files(d) == []
+    # A command is a shell script: a newline, a tab, even an ESC in it stay allowed.
+    path = write_workflow(wfd_tmp, {"steps": [{"id": "a", "command": "true\n\ttrue \u001b"}]})
+    assert d.wfctl("validate", str(path)).returncode == 0
+
+
 def test_cycle_named_in_edge_order(wfd_tmp: Path, sandbox) -> None:
     doc = {"steps": [
         {"id": "x", "command": "true", "depends_on": ["z"]},

@@ -19,6 +19,7 @@ from wfd.workflow import (
     Step,
     Workflow,
     build_workflow,
+    env_problems,
     parse_workflow,
 )
 
@@ -627,6 +628,39 @@ def test_cwd_values() -> None:
     assert step_problem(cwd="a\0") == "$.steps[0].cwd: must not contain a NUL character"
 
 
+def test_control_characters_are_refused_in_names_cwds_and_env_names() -> None:
+    # C0, DEL and C1 (U+0080-U+009F): they would reach terminals and the daemon's log.
+    for bad, shown in [("a\x85b", '"a\\x85b"'), ("a\x9bc", '"a\\x9bc"'),
+                       ("\x7f", '"\\x7f"'), ("a\tb", '"a\\tb"')]:
+        assert problem({"name": bad, **one_step()}) == (
+            f"$.name: expected a non-empty string without control characters, got {shown}"
+        ), bad
+    esc = "/tmp/\x1b[2J\nx"
+    assert step_problem(cwd=esc) == (
+        '$.steps[0].cwd: must not contain control characters, got "/tmp/\\u001b[2J\\nx"'
+    )
+    assert problem({"defaults": {"cwd": "a\x85"}, **one_step()}) == (
+        '$.defaults.cwd: must not contain control characters, got "a\\x85"'
+    )
+    assert problems({"env": {"A\x1bB": "1", "C\x90": "2", "OK": "\x1b[0m\n"}, **one_step()}) == [
+        '$.env["A\\u001bB"]: invalid variable name (must not contain control characters)',
+        '$.env["C\\x90"]: invalid variable name (must not contain control characters)',
+    ]
+    # Commands are shell scripts: tabs, newlines, even ESC stay allowed.
+    assert parse(one_step(command="printf '\\033[1m'\n\tdone")).steps[0].command
+
+
+def test_env_problems_is_the_one_rule_for_environments() -> None:
+    assert env_problems({"OK": "x", "": "1", "A=B": "2", "N\0": "3", "T\t": "4",
+                         "V": "a\0b", "W": "tab\tand\x1b are fine"}) == [
+        ('[""]', 'invalid variable name (must be non-empty, without "=" or NUL)'),
+        ('["A=B"]', 'invalid variable name (must be non-empty, without "=" or NUL)'),
+        ('["N\\u0000"]', 'invalid variable name (must be non-empty, without "=" or NUL)'),
+        ('["T\\t"]', "invalid variable name (must not contain control characters)"),
+        (".V", "must not contain a NUL character"),
+    ]
+
+
 def test_name_values() -> None:
     for bad, shown in [("", '""'), (3, "3"), ("a\nb", '"a\\nb"'), (None, "null")]:
         doc = {"name": bad, **one_step()}
@@ -1050,30 +1084,41 @@ def test_mutations_of_a_valid_workflow_only_raise_workflow_invalid(text: str) ->
     only_workflow_invalid(text)
 
 
+ids = st.one_of(
+    st.none(), st.integers(), st.text(max_size=5),
+    st.text(alphabet="ab.-_\n\x85", max_size=4), st.from_regex(r"[A-Za-z0-9][._-]?[a-z]*"),
+)
+
+
+@settings(max_examples=300)
+@given(st.lists(ids, min_size=1, max_size=6))
+def test_the_bulk_id_check_is_step_id_re_on_each_id(values: list[object]) -> None:
+    # The one regex call over all ids says yes exactly when STEP_ID_RE says yes to each.
+    each = all(isinstance(v, str) and wfmod.STEP_ID_RE.fullmatch(v) for v in values)
+    assert wfmod._all_ids_valid(values) == each
+
+
 @settings(max_examples=300)
 @given(mutated_docs())
-def test_fast_path_never_accepts_what_the_slow_walk_rejects(text: str) -> None:
-    # Each step the fast path accepts must be one the full walk finds nothing
-    # wrong with, and with the same edges.
+def test_a_step_is_judged_the_same_with_and_without_the_bulk_id_check(text: str) -> None:
+    # Where every id is valid, the walk may skip the per-id regex: same problems, same edges.
     try:
         doc = json.loads(text)
     except ValueError:
         return
     steps = doc.get("steps") if isinstance(doc, dict) else None
     assume(isinstance(steps, list))
+    assume(wfmod._all_ids_valid([s.get("id") if isinstance(s, dict) else None for s in steps]))
     first: dict[str, int] = {}
     for i, s in enumerate(steps):
-        sid = s.get("id") if isinstance(s, dict) else None
-        if isinstance(sid, str):
-            first.setdefault(sid, i)
-    ids_ok = wfmod._all_ids_valid([s.get("id") if isinstance(s, dict) else None for s in steps])
+        first.setdefault(s["id"], i)
     for i, s in enumerate(steps):
-        fast = wfmod._clean_step_deps(i, s, first, ids_ok)
-        slow = wfmod._Validator("x")
-        slow.first = first
-        edges = slow._walk_step(i, s)
-        if fast is not None:
-            assert slow.problems == [] and fast == edges, (s, slow.problems)
+        walks = []
+        for ids_ok in (True, False):
+            v = wfmod._Validator("x")
+            v.first = first
+            walks.append((v._walk_step(i, s, ids_ok), v.problems))
+        assert walks[0] == walks[1], s
 
 
 def test_all_ids_valid_is_not_fooled_by_newlines() -> None:

@@ -20,11 +20,13 @@ Theory of operation
    Structs, with `index`, `deps` and `dependents` precomputed for the runner.
 
 Nothing recurses, so a 100,000-step chain is as easy as a 3-step one, and the
-work is linear in the size of the file. Most steps are entirely valid, so each
-is first tried on a fast path that only says yes or no; a step it refuses is
-walked again the slow way, which finds and words each problem. The cyclic
-garbage collector is paused meanwhile: it would otherwise rescan the growing
-document many times over (see bench/bench_validate.py).
+work is linear in the size of the file. There is one walk and one check per
+field, so what is accepted and what is reported cannot drift apart; it stays
+fast because the checks cost little when nothing is wrong (paths and messages
+are only built for a problem) and every id is matched against `STEP_ID_RE` in
+one regex call over all ids. The cyclic garbage collector is paused
+meanwhile: it would otherwise rescan the growing document many times over
+(see bench/bench_validate.py).
 
 Decisions where SPEC 1 is silent
 --------------------------------
@@ -41,11 +43,14 @@ Decisions where SPEC 1 is silent
   daemon's limit); each means the same as leaving the field out at top level.
 - `max_parallel` is at most 1,000,000, so it always fits a msgpack int.
 - Strings that reach `exec` (command, env names and values, cwd) must not
-  contain NUL. Env names must be non-empty and without "=". In a command list
+  contain NUL. Env names must be non-empty and without "=". Env names and
+  `cwd` must not contain control characters (C0, DEL, C1: they end up in
+  messages and on terminals); env values and commands may (a command is a
+  shell script; what is printed of it is escaped). In a command list
   the program (item 0) must be non-empty; later arguments may be "".
   A command string must not be empty or only whitespace.
-- `name` is a non-empty string without control characters (it is printed in
-  one-line listings and logs).
+- `name` is a non-empty string without control characters, C1 (U+0080 to
+  U+009F) included (it is printed in one-line listings and logs).
 - Duplicate entries in `depends_on` are an error. A duplicate key in a JSON
   object is not detected: the last one wins, as in every JSON parser.
 - A leading UTF-8 byte order mark is ignored. `invalid UTF-8 at byte N` counts
@@ -61,12 +66,13 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import msgspec
 
 from wfd.errors import WorkflowInvalid
+from wfd.text import CONTROL_RE, printable
 
 __all__ = [
     "STEP_ID_RE",
@@ -74,10 +80,12 @@ __all__ = [
     "Step",
     "Workflow",
     "build_workflow",
+    "env_problems",
     "parse_workflow",
 ]
 
-STEP_ID_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+_STEP_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
+STEP_ID_RE: re.Pattern[str] = re.compile(f"^{_STEP_ID}$")
 
 MAX_SECONDS = 1e9
 MAX_RETRIES = 1000
@@ -439,7 +447,8 @@ def _show(value: object) -> str:
             text = msgspec.json.encode(value, enc_hook=_enc_big).decode()
         except (RecursionError, ValueError, TypeError, OverflowError):
             text = type(value).__name__
-    return text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "..."
+    # JSON escapes C0 controls but not C1 (U+0080-U+009F): a message is printed.
+    return printable(text if len(text) <= _SHOW_MAX else text[: _SHOW_MAX - 3] + "...")
 
 
 def _enc_big(value: object) -> msgspec.Raw:
@@ -531,11 +540,8 @@ def _check_max_parallel(v: object) -> int | None:
     raise _bad(f"expected an integer from 1 to {MAX_PARALLEL} or null", v)
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-
-
 def _check_name(v: object) -> str:
-    if type(v) is str and v and not _CONTROL.search(v):
+    if type(v) is str and v and not CONTROL_RE.search(v):
         return v
     raise _bad("expected a non-empty string without control characters", v)
 
@@ -549,6 +555,8 @@ def _check_cwd(v: object) -> str | None:
         raise _bad("must not be empty", show=False)
     if "\0" in v:
         raise _bad("must not contain a NUL character", show=False)
+    if CONTROL_RE.search(v):
+        raise _bad("must not contain control characters", v)
     return v
 
 
@@ -585,19 +593,32 @@ def _arg_problem(arg: object, j: int) -> str | None:
 
 
 _BAD_ENV_NAME = 'invalid variable name (must be non-empty, without "=" or NUL)'
+_CONTROL_ENV_NAME = "invalid variable name (must not contain control characters)"
+
+
+def env_problems(env: Mapping[str, object]) -> list[tuple[str, str]]:
+    """Each bad entry of an environment as (path suffix, reason), e.g.
+    `('["A=B"]', 'invalid variable name ...')`, in key order.
+
+    The one rule for environments: a workflow's `env` fields, and the daemon's
+    check of the environment a client submits (which no workflow check sees)."""
+    items = []
+    for name, value in env.items():
+        if not name or "=" in name or "\0" in name:
+            items.append((_key(name), _BAD_ENV_NAME))
+        elif CONTROL_RE.search(name):
+            items.append((_key(name), _CONTROL_ENV_NAME))
+        elif type(value) is not str:
+            items.append((_key(name), f"expected a string, got {_show(value)}"))
+        elif "\0" in value:
+            items.append((_key(name), "must not contain a NUL character"))
+    return items
 
 
 def _check_env(v: object) -> dict[str, str]:
     if type(v) is not dict:
         raise _bad("expected an object of strings", v)
-    items = []
-    for name, value in v.items():
-        if not name or "=" in name or "\0" in name:
-            items.append((_key(name), _BAD_ENV_NAME))
-        elif type(value) is not str:
-            items.append((_key(name), f"expected a string, got {_show(value)}"))
-        elif "\0" in value:
-            items.append((_key(name), "must not contain a NUL character"))
+    items = env_problems(v)
     if items:
         raise _Bad(items)
     return v
@@ -657,7 +678,6 @@ _TOP_CHECKS: dict[str, Callable[[object], object]] = {
     "env": _check_env,
 }
 
-_STEP_KEYS = frozenset({"id", "depends_on", *_STEP_CHECKS})
 _ID_MATCH = STEP_ID_RE.fullmatch
 
 
@@ -705,8 +725,10 @@ class _Validator:
         try:
             out[key] = check(value)
         except _Bad as e:
-            base = path + _key(key)
-            self.problems.extend(f"{base}{sub}: {why}" for sub, why in e.items)
+            self._report(path + _key(key), e)
+
+    def _report(self, base: str, bad: _Bad) -> None:
+        self.problems.extend(f"{base}{sub}: {why}" for sub, why in bad.items)
 
     def _object(
         self, value: object, path: str, checks: dict[str, Callable[[object], object]]
@@ -738,42 +760,52 @@ class _Validator:
             if type(sid) is str and sid not in first:
                 first[sid] = i
         ids_ok = _all_ids_valid(ids)
-        deps = self.deps
-        for i, step in enumerate(steps):
-            edges = _clean_step_deps(i, step, first, ids_ok)
-            deps.append(self._walk_step(i, step) if edges is None else edges)
+        walk = self._walk_step
+        self.deps = [walk(i, step, ids_ok) for i, step in enumerate(steps)]
 
-    def _walk_step(self, i: int, step: object) -> list[int]:
-        """Step i's dependency edges, reporting each of its problems in key order."""
+    def _walk_step(self, i: int, step: object, ids_ok: bool) -> list[int]:
+        """Step i's dependency edges, reporting each of its problems in key order.
+        `ids_ok`: every step's id is known to be a string matching STEP_ID_RE."""
         if type(step) is not dict:
             self.problems.append(f"$.steps[{i}]: expected an object, got {_show(step)}")
             return []
-        for req in ("id", "command"):
-            if req not in step:
-                self.problems.append(f'$.steps[{i}]: missing required field "{req}"')
+        if "id" not in step or "command" not in step:
+            for req in ("id", "command"):
+                if req not in step:
+                    self.problems.append(f'$.steps[{i}]: missing required field "{req}"')
         deps: list[int] = []
+        first = self.first
         for key, value in step.items():
             if key == "id":
-                self._check_id(i, value)
+                if not ids_ok or first[value] != i:  # else nothing to check: skip the call
+                    self._check_id(i, value, ids_ok)
             elif key == "depends_on":
                 deps = self._walk_deps(i, step.get("id"), value)
-            elif key in _STEP_CHECKS:
-                self._field({}, key, value, f"$.steps[{i}]", _STEP_CHECKS[key])
             else:
-                self.problems.append(f"$.steps[{i}]{_key(key)}: unknown field")
+                check = _STEP_CHECKS.get(key)
+                if check is None:
+                    self.problems.append(f"$.steps[{i}]{_key(key)}: unknown field")
+                else:  # checked here, converted by _Merger once all is well
+                    try:
+                        check(value)
+                    except _Bad as e:  # the path is only built for a problem
+                        self._report(f"$.steps[{i}]{_key(key)}", e)
         return deps
 
-    def _check_id(self, i: int, sid: object) -> None:
-        first = self.first
-        if type(sid) is not str:
-            self.problems.append(f"$.steps[{i}].id: expected a string, got {_show(sid)}")
-        elif not _ID_MATCH(sid):
+    def _check_id(self, i: int, sid: object, ids_ok: bool) -> None:
+        if not ids_ok:
+            if type(sid) is not str:
+                self.problems.append(f"$.steps[{i}].id: expected a string, got {_show(sid)}")
+                return
+            if not _ID_MATCH(sid):
+                self.problems.append(
+                    f"$.steps[{i}].id: invalid id {_show(sid)} (must match {STEP_ID_RE.pattern})"
+                )
+                return
+        first = self.first[sid]  # type: ignore[index]
+        if first != i:
             self.problems.append(
-                f"$.steps[{i}].id: invalid id {_show(sid)} (must match {STEP_ID_RE.pattern})"
-            )
-        elif first[sid] != i:
-            self.problems.append(
-                f"$.steps[{i}].id: duplicate id {_show(sid)} (first at $.steps[{first[sid]}])"
+                f"$.steps[{i}].id: duplicate id {_show(sid)} (first at $.steps[{first}])"
             )
 
     def _walk_deps(self, i: int, own: object, value: object) -> list[int]:
@@ -787,22 +819,21 @@ class _Validator:
         deps: list[int] = []
         seen: dict[str, int] = {}
         for j, dep in enumerate(value):
-            why = None
             if type(dep) is not str:
                 why = f"expected a step id (string), got {_show(dep)}"
             elif dep in seen:
                 where = f"$.steps[{i}].depends_on[{seen[dep]}]"
                 why = f"duplicate dependency {_show(dep)} (first at {where})"
-            elif dep == own:
-                why = f"step {_show(dep)} depends on itself"
-            elif dep not in first:
-                why = f"unknown step {_show(dep)}"
             else:
-                deps.append(first[dep])
-            if type(dep) is str:
-                seen.setdefault(dep, j)
-            if why:
-                self.problems.append(f"$.steps[{i}].depends_on[{j}]: {why}")
+                seen[dep] = j
+                if dep == own:
+                    why = f"step {_show(dep)} depends on itself"
+                elif dep not in first:
+                    why = f"unknown step {_show(dep)}"
+                else:
+                    deps.append(first[dep])
+                    continue
+            self.problems.append(f"$.steps[{i}].depends_on[{j}]: {why}")
         return deps
 
     def _build(self, dependents: list[list[int]]) -> Workflow:
@@ -818,59 +849,19 @@ class _Validator:
         )
 
 
-_IDS_RE = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\n)*")
+# STEP_ID_RE for many ids at once: each id followed by a newline.
+_IDS_RE = re.compile(f"(?:{_STEP_ID}\n)*")
 
 
 def _all_ids_valid(ids: list[object]) -> bool:
-    """Whether every id is a valid string, in one regex call instead of one per step."""
+    """Whether every id is a string matching STEP_ID_RE, in one regex call instead of
+    one per step (the same pattern: only the loop moves into the regex engine)."""
     try:
         joined = "\n".join(ids) + "\n"  # type: ignore[arg-type]
     except TypeError:  # an id is missing or not a string
         return False
     # An id holding a newline would pass as two: count them.
     return joined.count("\n") == len(ids) and _IDS_RE.fullmatch(joined) is not None
-
-
-def _clean_step_deps(i: int, step: object, first: dict[str, int], ids_ok: bool) -> list[int] | None:
-    """Step i's dependency edges if the step is entirely valid, else None.
-
-    The fast path: most steps are fine, and checking them here without
-    building a path or keeping key order is several times cheaper. Anything
-    unusual gets None, and `_walk_step` then finds and reports it in order.
-    """
-    if type(step) is not dict or not step.keys() <= _STEP_KEYS:
-        return None
-    sid = step.get("id")
-    if type(sid) is not str or first[sid] != i or not (ids_ok or _ID_MATCH(sid)):
-        return None
-    cmd = step.get("command")
-    if type(cmd) is not str or not cmd or cmd.isspace() or "\0" in cmd:
-        try:
-            _check_command(cmd)
-        except _Bad:
-            return None
-    known = 2
-    deps: list[int] = []
-    if "depends_on" in step:
-        known = 3
-        value = step["depends_on"]
-        if type(value) is not list:
-            return None
-        try:  # only known ids (all str) get through
-            deps = [first[value[0]]] if len(value) == 1 else [first[d] for d in value]
-        except (KeyError, TypeError):
-            return None
-        if i in deps or (len(deps) > 1 and len(set(deps)) != len(deps)):
-            return None
-    if len(step) > known:
-        for key, value in step.items():
-            check = _SHARED_CHECKS.get(key)
-            if check is not None:
-                try:
-                    check(value)
-                except _Bad:
-                    return None
-    return deps
 
 
 class _Merger:
