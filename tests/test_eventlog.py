@@ -7,6 +7,9 @@ once its newline is written; a damaged line elsewhere is named, never skipped).
 
 from __future__ import annotations
 
+import errno
+import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,7 +17,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from wfd import events as ev
-from wfd.eventlog import parse_log, read_log
+from wfd.eventlog import (
+    AppendLog,
+    Layout,
+    Submission,
+    UnsafeStateDir,
+    check_state_dir,
+    discard_unacknowledged,
+    parse_log,
+    read_log,
+)
 
 TS = "2026-11-25T09:58:52.123456Z"
 
@@ -248,3 +260,112 @@ def test_read_log_does_not_follow_a_symlink(tmp_path: Path) -> None:
 
     with pytest.raises(OSError):
         read_log(link, repair=True)
+
+
+# ---- run dirs: no symlink anywhere, the state dir's owner, crashed creations ------------
+
+RUN = "20261125T095852Z-7f3a9c01"
+
+
+def submission() -> Submission:
+    return Submission(workflow='{"steps": [{"id": "a", "command": "true"}]}', source="wf.json",
+                      base_dir="/", env={}, umask=0o022, uid=os.getuid(), gid=os.getgid(),
+                      owner="me", submitted_at=TS)
+
+
+@pytest.fixture
+def layout(tmp_path: Path) -> Iterator[Layout]:
+    (tmp_path / "state" / "runs").mkdir(parents=True, mode=0o700)
+    made = Layout(tmp_path / "state")
+    yield made
+    made.close()
+
+
+def test_a_created_run_is_read_back_through_its_run_paths(layout: Layout) -> None:
+    layout.create_run(RUN, submission())
+    assert layout.run_ids() == [RUN]
+    assert layout.read_submission(RUN) == submission()
+    AppendLog(layout.events(RUN), 0).append(ev.encode_line(SAMPLES[0]))
+    assert read_log(layout.events(RUN), repair=False).events == SAMPLES[:1]
+    fd = layout.open_log_for_step(RUN, "a", 1)
+    os.close(fd)
+    assert (layout.runs / RUN / "logs" / "a.1.log").is_file()
+    assert os.fspath(layout.events(RUN)) == str(layout.runs / RUN / "events.jsonl")
+    assert layout.events(RUN).name == "events.jsonl"
+
+
+@pytest.mark.parametrize("where", ["run dir", "logs", "file"])
+def test_a_symlink_at_any_level_under_runs_is_refused(
+        layout: Layout, tmp_path: Path, where: str) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "logs").mkdir(parents=True)
+    (elsewhere / "events.jsonl").write_bytes(image(SAMPLES))
+    run_dir = layout.runs / RUN
+    if where == "run dir":
+        run_dir.symlink_to(elsewhere)
+    else:
+        run_dir.mkdir()
+        if where == "logs":
+            (run_dir / "logs").symlink_to(elsewhere / "logs")
+            (run_dir / "events.jsonl").write_bytes(b"")
+        else:
+            (run_dir / "logs").mkdir()
+            (run_dir / "events.jsonl").symlink_to(elsewhere / "events.jsonl")
+    ops = {
+        "read": lambda: read_log(layout.events(RUN), repair=True),
+        "append": lambda: AppendLog(layout.events(RUN), 0).append(b"x\n"),
+        "submission": lambda: layout.read_submission(RUN),
+        "log": lambda: os.close(layout.open_log_for_step(RUN, "a", 1)),
+    }
+    behind = {"run dir": list(ops), "logs": ["log"], "file": ["read", "append"]}[where]
+    for name in behind:
+        with pytest.raises(OSError) as raised:
+            ops[name]()
+        assert raised.value.errno in (errno.ELOOP, errno.ENOTDIR), name
+    assert list((elsewhere / "logs").iterdir()) == []
+    assert (elsewhere / "events.jsonl").read_bytes() == image(SAMPLES)
+
+
+def test_malformed_run_ids_never_become_paths(layout: Layout) -> None:
+    for bad in ("../x", "", ".hidden", "a/b"):
+        with pytest.raises(ValueError):
+            layout.events(bad)
+
+
+def test_check_state_dir(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    (state / "runs").mkdir(parents=True, mode=0o700)
+    os.chmod(state, 0o700)
+    check_state_dir(state, system=False)
+    check_state_dir(state, system=os.geteuid() == 0)
+    os.chmod(state, 0o770)  # a group may write a user daemon's state dir, not a system one's
+    check_state_dir(state, system=False)
+    with pytest.raises(UnsafeStateDir, match="writable by its group"):
+        check_state_dir(state, system=True)
+    os.chmod(state, 0o707)
+    with pytest.raises(UnsafeStateDir, match=r"writable by others \(mode 0707\)"):
+        check_state_dir(state, system=False)
+    os.chmod(state, 0o700)
+    os.chmod(state / "runs", 0o703)
+    with pytest.raises(UnsafeStateDir, match="runs is writable by others"):
+        check_state_dir(state, system=False)
+    os.rmdir(state / "runs")
+    (state / "runs").symlink_to(tmp_path)
+    with pytest.raises(UnsafeStateDir, match="runs is a symlink"):
+        check_state_dir(state, system=False)
+
+
+def test_discard_unacknowledged_keeps_runs_and_what_it_is_told_to(layout: Layout) -> None:
+    layout.create_run(RUN, submission())  # no first event yet: a crashed submit
+    acked = RUN[:-1] + "2"
+    layout.create_run(acked, submission())
+    AppendLog(layout.events(acked), 0).append(ev.encode_line(SAMPLES[0]))
+    intent = RUN[:-1] + "3"
+    layout.create_run(intent, submission())
+
+    assert discard_unacknowledged(layout, keep={intent}) == [RUN]
+    assert layout.run_ids() == [acked, intent]
+    layout.remove_run(acked)  # never a run with a committed event, whoever asks
+    assert layout.run_ids() == [acked, intent]
+    layout.remove_run(intent)
+    assert layout.run_ids() == [acked]

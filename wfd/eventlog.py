@@ -3,9 +3,18 @@
 Layout (SPEC 3): `<state-dir>/runs/<run_id>/` holds `workflow.json` (the
 submission, written and fsync'd before the run is acknowledged),
 `events.jsonl` (one event per line, appended and fsync'd before the daemon
-acts on it) and `logs/<step>.<attempt>.log`. Directories are 0700, files 0600,
-and nothing here follows a symlink: a root daemon must not be led into
-writing elsewhere by a link someone planted.
+acts on it) and `logs/<step>.<attempt>.log`. Directories are 0700, files 0600.
+
+Nothing under the state dir is reached through a symlink: every file of a run
+is opened one directory at a time from the runs dir (`openat` with
+O_NOFOLLOW at each level), so a planted `runs/<id>` or `runs/<id>/logs` link
+is refused (ELOOP), not followed; and `check_state_dir` refuses, at startup,
+a state dir that someone other than the daemon's user could plant runs in. A
+root daemon must not be led into reading a forged run or writing elsewhere.
+
+A run exists once its first event is durable. A run dir without one is what
+a crash while a run was being created leaves behind: it was never
+acknowledged, and `discard_unacknowledged` removes it at the next start.
 
 Reading a log distinguishes a torn tail (the last line has no newline: a crash
 in mid-write; dropped, and cut off before the next append) from damage
@@ -14,9 +23,13 @@ anywhere else (the run is CORRUPT; the line is named).
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
-import shutil
+import stat
+import threading
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +44,9 @@ WORKFLOW = "workflow.json"
 LOGS = "logs"
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
+_DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
+
+log = logging.getLogger("wfd")
 
 
 class Submission(msgspec.Struct, kw_only=True):
@@ -58,17 +74,70 @@ def valid_run_id(run_id: str) -> bool:
     return RUN_ID_RE.fullmatch(run_id) is not None
 
 
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW)
+class UnsafeStateDir(Exception):
+    """The state dir (or its `runs/`) could be written by someone other than the
+    daemon's user, who could then plant a run that the daemon would run as anyone
+    (a forged `"uid": 0`). Raised at startup; the daemon refuses to start."""
+
+
+def check_state_dir(state_dir: Path, system: bool) -> None:
+    """Refuse a state dir or `runs/` not owned by the daemon's user (root for a system
+    daemon) or writable by others; for a system daemon, writable by its group either.
+    `runs/` must not be a symlink. The state dir itself is taken as given (a symlink
+    there is the administrator's choice; its target is what is checked). Raises
+    UnsafeStateDir, or OSError when it cannot be opened at all."""
+    uid = os.geteuid()
+    fd = os.open(state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
+        _check_owner(state_dir, os.fstat(fd), uid, system)
+        runs = state_dir / "runs"
+        try:
+            runs_fd = os.open("runs", _DIR, dir_fd=fd)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                raise UnsafeStateDir(f"{runs} is a symlink or not a directory") from None
+            raise
+        try:
+            _check_owner(runs, os.fstat(runs_fd), uid, system)
+        finally:
+            os.close(runs_fd)
     finally:
         os.close(fd)
 
 
-def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
+def _check_owner(path: Path, info: os.stat_result, uid: int, system: bool) -> None:
+    if info.st_uid != uid:
+        raise UnsafeStateDir(
+            f"{path} belongs to uid {info.st_uid}, not to uid {uid} that wfd runs as; "
+            "whoever owns it could plant runs for wfd to run (chown it, or use another "
+            "state dir)")
+    open_to = info.st_mode & (0o022 if system else 0o002)
+    if open_to:
+        who = "its group and others" if open_to == 0o022 else (
+            "its group" if open_to == 0o020 else "others")
+        raise UnsafeStateDir(
+            f"{path} is writable by {who} (mode {stat.S_IMODE(info.st_mode):04o}); they "
+            f"could plant runs for wfd to run (chmod go-w {path})")
+
+
+def _checked(run_id: str) -> str:
+    """The run id, once it is known to be safe as a file name."""
+    if not valid_run_id(run_id):
+        raise ValueError(f"malformed run id {run_id!r}")
+    return run_id
+
+
+def open_file(path: os.PathLike | str, flags: int, mode: int = 0o600) -> int:
+    """`os.open` that follows no symlink: a `RunPath` is walked from its runs dir one
+    directory at a time; any other path is opened with O_NOFOLLOW on its last part."""
+    if isinstance(path, RunPath):
+        return path.open(flags, mode)
+    return os.open(path, flags | _NOFOLLOW, mode)
+
+
+def write_new_file(path: os.PathLike | str, data: bytes, mode: int = 0o600) -> None:
     """Create `path` (never an existing file or a symlink), write, fsync."""
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _NOFOLLOW, mode)
+    fd = open_file(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
         view = memoryview(data)
         while view:
@@ -78,59 +147,257 @@ def write_new_file(path: Path, data: bytes, mode: int = 0o600) -> None:
         os.close(fd)
 
 
-def read_file(path: Path, limit: int | None = None) -> bytes:
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+def read_file(path: os.PathLike | str, limit: int | None = None) -> bytes:
+    fd = open_file(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
         return f.read() if limit is None else f.read(limit)
 
 
+class RunPath(os.PathLike):
+    """A file in a run's directory, named by its parts below `runs/` (run id, then
+    maybe `logs`, then the file name), and opened without following any symlink
+    (`open`, or `open_file`). It is also a plain path (`os.fspath`, `str`, `name`)
+    for messages; opening that path directly would skip the checks."""
+
+    __slots__ = ("layout", "parts")
+
+    def __init__(self, layout: Layout, *parts: str) -> None:
+        self.layout = layout
+        self.parts = parts
+
+    @property
+    def name(self) -> str:
+        return self.parts[-1]
+
+    def __fspath__(self) -> str:
+        return os.path.join(self.layout.runs, *self.parts)
+
+    def __str__(self) -> str:
+        return self.__fspath__()
+
+    def __repr__(self) -> str:
+        return f"RunPath({self.__fspath__()!r})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, RunPath) and os.fspath(self) == os.fspath(other)
+
+    def __hash__(self) -> int:
+        return hash(self.__fspath__())
+
+    def open(self, flags: int, mode: int = 0o600) -> int:
+        return self.layout.open_at(self.parts, flags, mode)
+
+
 class Layout:
-    """Paths inside one state dir."""
+    """The run directories of one state dir, reached through a descriptor of `runs/`
+    that is opened once (the state dir as given, `runs` not through a symlink)."""
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.runs = state_dir / "runs"
+        self._runs_fd: int | None = None
+        self._lock = threading.Lock()  # worker threads open files too
+
+    def runs_fd(self) -> int:
+        """The descriptor of `runs/`, opened on first use and kept (O_CLOEXEC)."""
+        fd = self._runs_fd
+        if fd is None:
+            with self._lock:
+                if self._runs_fd is None:
+                    state = os.open(self.state_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                    try:
+                        self._runs_fd = os.open("runs", _DIR, dir_fd=state)
+                    finally:
+                        os.close(state)
+                fd = self._runs_fd
+        return fd
+
+    def close(self) -> None:
+        fd, self._runs_fd = self._runs_fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except (OSError, AttributeError):
+            pass
+
+    def open_at(self, parts: Iterable[str], flags: int, mode: int = 0o600) -> int:
+        """Open `runs/<parts...>`: each directory with O_DIRECTORY|O_NOFOLLOW relative to
+        the one before, the last part with O_NOFOLLOW. A symlink anywhere is ELOOP."""
+        *dirs, last = parts
+        fd = self.runs_fd()
+        opened = []
+        try:
+            for name in dirs:
+                fd = os.open(name, _DIR, dir_fd=fd)
+                opened.append(fd)
+            return os.open(last, flags | _NOFOLLOW, mode, dir_fd=fd)
+        finally:
+            for each in opened:
+                os.close(each)
 
     def run_dir(self, run_id: str) -> Path:
-        if not valid_run_id(run_id):
-            raise ValueError(f"malformed run id {run_id!r}")
-        return self.runs / run_id
+        """The run's directory as a path, for messages (open files through `events`,
+        `log` and the methods here)."""
+        return self.runs / _checked(run_id)
 
-    def events(self, run_id: str) -> Path:
-        return self.run_dir(run_id) / EVENTS
+    def _file(self, run_id: str, *parts: str) -> RunPath:
+        return RunPath(self, _checked(run_id), *parts)
 
-    def log(self, run_id: str, step: str, attempt: int) -> Path:
-        return self.run_dir(run_id) / LOGS / f"{step}.{attempt}.log"
+    def events(self, run_id: str) -> RunPath:
+        return self._file(run_id, EVENTS)
+
+    def log(self, run_id: str, step: str, attempt: int) -> RunPath:
+        return self._file(run_id, LOGS, f"{step}.{attempt}.log")
 
     def run_ids(self) -> list[str]:
         """Run directories present, oldest first (run ids sort by creation time)."""
         try:
-            names = os.listdir(self.runs)
+            # A descriptor of its own: listing moves the position of the one it uses.
+            fd = os.open(".", _DIR, dir_fd=self.runs_fd())
         except FileNotFoundError:
             return []
+        try:
+            names = os.listdir(fd)
+        finally:
+            os.close(fd)
         return sorted(n for n in names if valid_run_id(n))
 
     def create_run(self, run_id: str, submission: Submission) -> None:
-        """Make the run's directory and durable workflow.json, and an empty events.jsonl."""
-        run_dir = self.run_dir(run_id)
-        os.mkdir(run_dir, 0o700)
-        os.mkdir(run_dir / LOGS, 0o700)
-        write_new_file(run_dir / WORKFLOW, msgspec.json.encode(submission))
-        write_new_file(run_dir / EVENTS, b"")
-        fsync_dir(run_dir)
-        fsync_dir(self.runs)
+        """Make the run's directory and durable workflow.json, and an empty events.jsonl.
+        The run exists once its first event is appended; until then a crash leaves a
+        directory that `discard_unacknowledged` removes at the next start."""
+        runs = self.runs_fd()
+        os.mkdir(_checked(run_id), 0o700, dir_fd=runs)
+        fd = os.open(run_id, _DIR, dir_fd=runs)
+        try:
+            os.mkdir(LOGS, 0o700, dir_fd=fd)
+            write_new_file(self._file(run_id, WORKFLOW), msgspec.json.encode(submission))
+            write_new_file(self._file(run_id, EVENTS), b"")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.fsync(runs)
 
     def remove_run(self, run_id: str) -> None:
-        """Undo a `create_run` that failed half-way (the run was never acknowledged)."""
-        shutil.rmtree(self.run_dir(run_id), ignore_errors=True)
+        """Undo a `create_run` that failed half-way (the run was never acknowledged).
+        Removes only what `create_run` makes, and never a run with a committed event."""
+        try:
+            _discard(self.runs_fd(), _checked(run_id))
+        except OSError:
+            pass
 
     def read_submission(self, run_id: str) -> Submission:
-        return _submission_decoder.decode(read_file(self.run_dir(run_id) / WORKFLOW))
+        return _submission_decoder.decode(read_file(self._file(run_id, WORKFLOW)))
 
     def open_log_for_step(self, run_id: str, step: str, attempt: int) -> int:
         """The fd a step writes its output to; a fresh file per attempt, never reused."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC | _NOFOLLOW
-        return os.open(self.log(run_id, step, attempt), flags, 0o600)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+        return self.log(run_id, step, attempt).open(flags, 0o600)
+
+
+# ---- runs that were never acknowledged -------------------------------------------
+
+_FOOTPRINT = frozenset({WORKFLOW, EVENTS, LOGS})  # what create_run makes
+
+
+def discard_unacknowledged(layout: Layout, keep: Collection[str] = ()) -> list[str]:
+    """Remove every run dir that a crash left while the run was being created (no
+    committed first event: the submit was never answered, so it is no run), except
+    those in `keep`; log each once; return their ids. Call it at startup, holding the
+    state dir's lock, before the runs are loaded.
+
+    Only a directory holding nothing but what `create_run` makes (workflow.json, an
+    events.jsonl without a whole line, an empty logs/) is removed: anything else is
+    left for loading to report (CORRUPT). Removal is crash-safe as it is: every state
+    a crash can leave half-way is again such a directory, removed at the next start."""
+    gone = []
+    runs = layout.runs_fd()
+    for run_id in layout.run_ids():
+        if run_id in keep:
+            continue
+        try:
+            removed = _discard(runs, run_id)
+        except OSError as exc:
+            log.warning("run %s was never acknowledged but cannot be removed: %s",
+                        run_id, exc.strerror or exc)
+            continue
+        if removed:
+            log.warning("run %s was never acknowledged (the daemon stopped while it was "
+                        "being created); its directory is removed", run_id)
+            gone.append(run_id)
+    if gone:
+        os.fsync(runs)
+    return gone
+
+
+def _discard(runs: int, run_id: str) -> bool:
+    """Remove `runs/<run_id>` if it is an unacknowledged run's footprint; whether it was."""
+    try:
+        fd = os.open(run_id, _DIR, dir_fd=runs)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.ENOENT):
+            return False  # a symlink or a file: not a run dir of ours; loading reports it
+        raise
+    try:
+        if not _unacknowledged(fd):
+            return False
+        for name in (WORKFLOW, EVENTS):
+            try:
+                os.unlink(name, dir_fd=fd)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(LOGS, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+    finally:
+        os.close(fd)
+    os.rmdir(run_id, dir_fd=runs)
+    return True
+
+
+def _unacknowledged(fd: int) -> bool:
+    """Whether the run dir at `fd` holds only create_run's footprint, with no whole line
+    in events.jsonl and nothing in logs/."""
+    names = set(os.listdir(fd))
+    if not names <= _FOOTPRINT:
+        return False
+    if LOGS in names:
+        try:
+            logs = os.open(LOGS, _DIR, dir_fd=fd)
+        except OSError:
+            return False  # a symlink or a file named logs: not ours
+        try:
+            if os.listdir(logs):
+                return False
+        finally:
+            os.close(logs)
+    if WORKFLOW in names and not _is_regular(fd, WORKFLOW):
+        return False
+    if EVENTS not in names:
+        return True
+    return _is_regular(fd, EVENTS) and not _has_newline(fd, EVENTS)
+
+
+def _is_regular(dir_fd: int, name: str) -> bool:
+    info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    return stat.S_ISREG(info.st_mode)
+
+
+def _has_newline(dir_fd: int, name: str) -> bool:
+    fd = os.open(name, os.O_RDONLY | os.O_NONBLOCK | _NOFOLLOW, dir_fd=dir_fd)
+    try:
+        while True:
+            chunk = os.read(fd, TAIL)
+            if not chunk:
+                return False
+            if b"\n" in chunk:
+                return True
+    finally:
+        os.close(fd)
 
 
 # ---- reading a log ---------------------------------------------------------------
@@ -180,13 +447,13 @@ def _parse_line_by_line(body: bytes, result: LogRead) -> None:
             return
 
 
-def read_log(path: Path, repair: bool) -> LogRead:
+def read_log(path: os.PathLike | str, repair: bool) -> LogRead:
     """Read a run's log; with `repair`, cut a torn tail off the file itself (recovery
     does this before anything is appended, so a new line never extends a half one)."""
     data = read_file(path)
     result = parse_log(data)
     if repair and result.torn_tail is not None:
-        fd = os.open(path, os.O_WRONLY | _NOFOLLOW)
+        fd = open_file(path, os.O_WRONLY)
         try:
             os.ftruncate(fd, result.good_size)
             os.fsync(fd)
@@ -198,10 +465,10 @@ def read_log(path: Path, repair: bool) -> LogRead:
 TAIL = 64 * 1024
 
 
-def read_ends(path: Path) -> tuple[ev.Event, ev.Event] | None:
+def read_ends(path: os.PathLike | str) -> tuple[ev.Event, ev.Event] | None:
     """The first and last events of a log, reading only its ends; None when the file
     is empty, torn, has an overlong last line, or an end does not decode."""
-    fd = os.open(path, os.O_RDONLY | _NOFOLLOW)
+    fd = open_file(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:
         first = f.readline(TAIL)
         size = f.seek(0, os.SEEK_END)
@@ -229,14 +496,14 @@ class AppendLog:
     append rather than held open: a thousand active runs must not use a thousand
     descriptors (and steps must not inherit a raised descriptor limit)."""
 
-    def __init__(self, path: Path, size: int) -> None:
+    def __init__(self, path: os.PathLike | str, size: int) -> None:
         self.path = path
         self.size = size
         self.dirty = False  # bytes past `size` may be on disk from a failed append
 
     def append(self, data: bytes) -> None:
         """Write and fsync `data` (whole lines) at the committed end; all or nothing."""
-        fd = os.open(self.path, os.O_WRONLY | _NOFOLLOW)
+        fd = open_file(self.path, os.O_WRONLY)
         try:
             if self.dirty:
                 os.ftruncate(fd, self.size)
@@ -251,6 +518,15 @@ class AppendLog:
         finally:
             os.close(fd)
         self.size += len(data)
+
+    def cut(self) -> None:
+        """Cut the file back to the committed prefix now (a torn tail found on recovery)."""
+        fd = open_file(self.path, os.O_WRONLY)
+        try:
+            os.ftruncate(fd, self.size)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     def _cut_back(self, fd: int) -> None:
         try:
