@@ -2,7 +2,10 @@
 
 Pure functions from the protocol's status views to lines; `now` is passed in,
 so the output of a given status at a given moment is fixed (and testable).
-Times are shown in local time, durations rounded for the eye.
+Times are shown in local time, durations rounded for the eye. Whatever
+came from a user or the daemon (names, errors) is passed through
+`printable`: a control character is shown as an escape, never sent to the
+terminal.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import time
 
 from wfd.events import parse_ts
 from wfd.state import RUNNING, RunStatus, RunSummary
+from wfd.text import printable
 
 
 def local_time(ts: str | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
@@ -52,7 +56,9 @@ def span(start: str | None, end: str | None, now: float | None, running: bool) -
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
-    """Left-aligned columns two spaces apart; the last column is not padded."""
+    """Left-aligned columns two spaces apart; the last column is not padded. Cells are
+    escaped first, so the widths are those of what the terminal shows."""
+    rows = [[printable(cell) for cell in row] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
@@ -62,7 +68,7 @@ def table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 
 def _one_line(text: str | None) -> str:
-    return "-" if not text else " ".join(text.split())
+    return "-" if not text else printable(" ".join(text.split()))
 
 
 def run_lines(status: RunStatus, now: float | None) -> list[str]:
@@ -74,9 +80,9 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
     if status.finished_at:
         took = span(status.created_at, status.finished_at, now, False)
         head += f"  finished {local_time(status.finished_at)} ({took})"
-    lines = [head]
+    lines = [printable(head)]
     if status.error:
-        lines.append(f"error: {status.error}")
+        lines.append(f"error: {printable(status.error)}")
     rows = [
         [
             step_id, step.state, str(step.attempts),
@@ -111,4 +117,9 @@ def summary_line(status: RunStatus) -> str:
     failed = [sid for sid, step in status.steps.items() if step.state == "FAILED"]
     if failed:
         line += f" (failed: {', '.join(failed)})"
-    return line
+    return printable(line)
+
+
+def transition_lines(transitions: list[str]) -> list[str]:
+    """`replay`'s transition lines as sent by the daemon, escaped for the terminal."""
+    return [printable(line) for line in transitions]

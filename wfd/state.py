@@ -30,6 +30,7 @@ import msgspec
 
 from wfd import events as ev
 from wfd.errors import IllegalTransition
+from wfd.text import printable
 
 if TYPE_CHECKING:
     from wfd.workflow import Workflow
@@ -487,12 +488,13 @@ def run_summary(run: RunState) -> RunSummary:
 
 
 def describe(event: ev.Event) -> str:
-    """One human line for a transition, used by replay, --follow and the daemon's log."""
+    """One human line for a transition, used by replay, --follow and the daemon's log;
+    control characters in it (a run name, an error quoting a path) are escaped."""
     kind = type(event)
     text = _DESCRIBE.get(kind)
     if text is None:
         return kind.__name__
-    return text(event)
+    return printable(text(event))
 
 
 _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {

@@ -28,6 +28,8 @@ import time
 from collections.abc import MutableMapping
 from pathlib import Path
 
+from wfd.text import printable
+
 # --------------------------------------------------------------------------- sd_notify
 
 
@@ -218,6 +220,12 @@ class JournalFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         prefix = self._prefix(record)
         return "\n".join(prefix + line for line in super().format(record).splitlines())
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        # The message may quote what users chose (a run name, a cwd): a newline in it
+        # must not forge a line of its own, nor an ESC sequence reach a terminal.
+        # A traceback, added after this, keeps its lines.
+        return printable(super().formatMessage(record))
 
     def _prefix(self, record: logging.LogRecord) -> str:
         if self.journal:
