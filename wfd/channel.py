@@ -42,7 +42,7 @@ import fcntl
 import select
 import struct
 import termios
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 import msgspec
@@ -63,6 +63,7 @@ READ_CHUNK = 256 * 1024  # one read of a large body, once it has its budget
 REPLY_BUDGET = 64 * 1024 * 1024  # bytes of reply frames being sent, across all clients
 REPLY_SHARE = 8 * 1024 * 1024  # of which one user's connections may hold
 SMALL_REPLY = 64 * 1024  # reply frames up to this size are sent without the budget
+PART_RESERVE = p.PART_SIZE + 64 * 1024  # budget taken before a part is made: a part's size
 
 
 class Close(Exception):
@@ -144,6 +145,7 @@ class Channel:
         self.requests = requests
         self.replies = replies
         self.key: int | None = None
+        self.reserved = 0  # reply budget taken for the next frame, before it was made
         self._read_ahead(READ_LIMIT)
         # drain() waits until the kernel has taken every byte: one frame in flight at most
         writer.transport.set_write_buffer_limits(high=0)
@@ -167,23 +169,52 @@ class Channel:
         """Handlers get the connection as their `send`."""
         await self.send(msg)
 
+    async def send_parts(self, parts: Iterator[p.Message]) -> None:
+        """Send the messages `parts` makes, each made only once the budget for it is
+        held: a connection waiting for its turn holds no reply, only its place."""
+        while True:
+            await self.reserve()
+            msg = next(parts, None)
+            if msg is None:
+                break
+            await self.send(msg)
+        self.unreserve()
+
+    async def reserve(self) -> None:
+        """Take PART_RESERVE of the reply budget for the next frame, which is about to be
+        made (its items read or encoded); the frame's send gives it back."""
+        if self.reserved:
+            return
+        if not await self.replies.acquire(PART_RESERVE, WRITE_TIMEOUT, self.key):
+            await self._busy()
+        self.reserved = PART_RESERVE
+
+    def unreserve(self) -> None:
+        if self.reserved:
+            self.replies.release(self.reserved, self.key)
+            self.reserved = 0
+
+    async def _busy(self) -> None:
+        # an Error is small: it needs no budget
+        await self.error(EXIT_UNREACHABLE, "wfd is busy sending other replies; try again")
+        raise Close
+
     async def error(self, code: int, message: str) -> None:
         await self.send(p.Error(code, message))
 
     async def _send_frame(self, frame: bytes) -> None:
-        size = len(frame)
-        budgeted = size > SMALL_REPLY
-        if budgeted and not await self.replies.acquire(size, WRITE_TIMEOUT, self.key):
-            # an Error is small: it needs no budget
-            await self.error(EXIT_UNREACHABLE, "wfd is busy sending other replies; try again")
-            raise Close
+        held, self.reserved = self.reserved, 0
+        more = len(frame) - held if len(frame) > SMALL_REPLY else 0
+        if more > 0 and not await self.replies.acquire(more, WRITE_TIMEOUT, self.key):
+            self.replies.release(held, self.key)
+            await self._busy()
         try:
             self.writer.write(frame)
             del frame
             await self._drained()
         finally:
-            if budgeted:
-                self.replies.release(size, self.key)
+            if held + max(more, 0):
+                self.replies.release(held + max(more, 0), self.key)
 
     async def _drained(self) -> None:
         """Wait until the kernel took the buffered bytes; a client that reads none of what
@@ -227,6 +258,7 @@ class Channel:
 
     async def close(self, clean: bool) -> None:
         """Close; a clean close delivers what is buffered, within WRITE_TIMEOUT."""
+        self.unreserve()
         if not clean:
             self.writer.transport.abort()
             return

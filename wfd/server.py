@@ -8,7 +8,7 @@ only the primary gid). Everyone else gets one `Error` (exit 3) and is closed.
 Connections are capped (globally, below the descriptor limit, and per
 non-root uid), so one user cannot take every descriptor. What a connection
 may cost besides (deadlines, budgets for requests and replies) is
-`wfd.channel`'s business; long replies go a part at a time (`_send_with_steps`,
+`wfd.channel`'s business; long replies go a part at a time (`_with_steps`,
 `_send_runs`, `replay`), so that none is ever held whole.
 """
 
@@ -23,7 +23,7 @@ import resource
 import socket
 import struct
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
 from wfd import __version__, channel
@@ -249,19 +249,20 @@ class Server:
             return
         run = await self.run_for(peer, req.run_id)
         header = self.engine.status(run, steps=False)
-        await _send_with_steps(send, p.RunInfo(header), header, run)
+        await send.send_parts(_with_steps(p.RunInfo(header), header, run))
 
     async def _send_runs(self, peer: Peer, send: Channel) -> None:
         """The runs the peer may see, a part at a time: each summary is looked at as its
         part is made (the list held meanwhile is of references, not of replies)."""
         runs = [summary for summary, owner_uid in self.engine.summaries()
                 if peer.root or not self.system or owner_uid == peer.uid]
-        shown = (self.engine.summary(summary) for summary in runs)
-        for group, last in p.packed(shown):
-            if last:
-                await send(p.RunList(group, self.engine.storage_error))
-            else:
-                await send(p.RunsPart(group))
+
+        def parts() -> Iterator[p.Message]:
+            shown = (self.engine.summary(summary) for summary in runs)
+            for group, last in p.packed(shown):
+                yield p.RunList(group, self.engine.storage_error) if last else p.RunsPart(group)
+
+        await send.send_parts(parts())
 
     async def cancel(self, peer: Peer, req: p.Cancel, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
@@ -281,12 +282,17 @@ class Server:
         else:  # workflow.json is unreadable: nothing to fold against
             replay = Replay(path, None, self.engine.status(run), run.error)
         blocks = replay.blocks()
-        while (block := await asyncio.to_thread(next, blocks, None)) is not None:
-            for group, _ in p.packed(block):
-                await send(p.ReplayPart([line for line, _ in group],
-                                        [text for _, text in group if text is not None]))
+        while True:
+            await send.reserve()  # before the block is read: a waiting reply holds nothing
+            block = await asyncio.to_thread(next, blocks, None)
+            if block is None:
+                break
+            await send.send_parts(
+                p.ReplayPart([line for line, _ in group],
+                             [text for _, text in group if text is not None])
+                for group, _ in p.packed(block))
         end, folded = replay.result()
-        await _send_with_steps(send, end, end.status, folded)
+        await send.send_parts(_with_steps(end, end.status, folded))
 
     async def resume(self, peer: Peer, req: p.Resume, send: Channel) -> None:
         await self.run_for(peer, req.run_id)
@@ -304,8 +310,13 @@ class Server:
             # the log as it is now (read after the queue is there: nothing falls between)
             last = req.after_seq
             history = events_after(self.engine.events_path(req.run_id), last)
-            while (block := await asyncio.to_thread(next, history, None)) is not None:
+            while True:
+                await send.reserve()  # before the block is read
+                block = await asyncio.to_thread(next, history, None)
+                if block is None:
+                    break
                 last = await _send_progress(send, block, last)
+            send.unreserve()
             while not (run.finished and last >= self._durable_seq(run)):
                 try:
                     event = await asyncio.wait_for(queue.get(), GONE_POLL)
@@ -315,7 +326,7 @@ class Server:
                     continue
                 last = await _send_progress(send, [event, *_drain(queue)], last)
             header = self.engine.status(run, steps=False)
-            await _send_with_steps(send, p.RunEnded(header), header, run)
+            await send.send_parts(_with_steps(p.RunEnded(header), header, run))
         finally:
             self.engine.unwatch(req.run_id, queue)
 
@@ -359,8 +370,10 @@ class Server:
                         send: Channel) -> int:
         path = self.engine.log_path(run_id, step, attempt)
         while True:
+            await send.reserve()  # before the chunk is read: a waiting stream holds nothing
             chunk = await asyncio.to_thread(_read_chunk, path, offset)
             if not chunk:
+                send.unreserve()
                 return offset
             await send(p.LogData(attempt, chunk))
             offset += len(chunk)
@@ -388,26 +401,24 @@ def _drain(queue: asyncio.Queue) -> list:
 async def _send_progress(send: Channel, events: list[ev.Event], last: int) -> int:
     """The events after seq `last`, in Progress frames of about a part's size; the last
     seq sent."""
-    events = [event for event in events if event.seq > last]
-    for group, _ in p.packed(events):
-        await send(p.Progress(group))
-        last = group[-1].seq
-    return last
+    fresh = [event for event in events if event.seq > last]
+    await send.send_parts(p.Progress(group) for group, _ in p.packed(fresh))
+    return fresh[-1].seq if fresh else last
 
 
-async def _send_with_steps(send: Channel, msg: p.Message, status: st.RunStatus | None,
-                           run: st.RunState | None) -> None:
-    """Send `msg`, whose `status` holds `run`'s status without its steps: the steps are
-    made as they are sent, in StepsParts before `msg`, the last of them in it."""
+def _with_steps(msg: p.Message, status: st.RunStatus | None,
+                run: st.RunState | None) -> Iterator[p.Message]:
+    """`msg`, whose `status` holds `run`'s status without its steps, after StepsParts:
+    the steps are made as the parts are, and the last of them go in `msg`."""
     if status is None or run is None:
-        await send(msg)
+        yield msg
         return
     for group, last in p.packed(st.step_statuses(run)):
         if last:
             status.steps = dict(group)
-            await send(msg)
+            yield msg
         else:
-            await send(p.StepsPart(dict(group)))
+            yield p.StepsPart(dict(group))
 
 
 def _shown(text: str, limit: int = 80) -> str:
