@@ -191,6 +191,22 @@ def test_a_live_run_updates_without_a_reload(web: tuple[Daemon, Web], browser: w
 
 
 @needs_chromium
+def test_the_page_rides_out_a_daemon_restart(web: tuple[Daemon, Web],
+                                             browser: webdriver.Chrome, wfd_tmp: Path) -> None:
+    d, server = web
+    run_id = d.submit(write_workflow(wfd_tmp, GATED))
+    browser.get(server.page(f"/run/{run_id}"))
+    wait_until(lambda: node_class(browser, "gate") == "n s-RUNNING", 15)
+    d.restart()  # the page's stream breaks; the interrupted steps run again
+    (wfd_tmp / "go").touch()
+    (wfd_tmp / "done").touch()
+    wait_until(lambda: text_of(browser, "#run-state") == "SUCCEEDED", 30,
+               message="the run SUCCEEDED on the page after the restart")
+    assert node_class(browser, "after") == "n s-SUCCEEDED"
+    assert text_of(browser, "#error") == ""  # the failure shown meanwhile is gone
+
+
+@needs_chromium
 def test_cancel_through_the_button(web: tuple[Daemon, Web], browser: webdriver.Chrome,
                                    wfd_tmp: Path) -> None:
     d, server = web

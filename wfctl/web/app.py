@@ -84,13 +84,11 @@ class Daemon:
 
     def __init__(self, first: Connection) -> None:
         self.path = first.path
-        self.trust = getattr(first, "trust", None)  # what conn.py checked of the socket
+        self.trust = first.trust  # what conn.py checked of the socket, checked again each time
         first.close()
 
     def open(self) -> Connection:
-        if self.trust is None:
-            return connect(self.path)
-        return connect(self.path, trust=self.trust)  # type: ignore[call-arg]
+        return connect(self.path, trust=self.trust)
 
     def call_sync(self, msg: protocol.Message, kind: type) -> Any:
         conn = self.open()
@@ -322,6 +320,12 @@ def _view(status: Any, events: list[Any], now: float) -> dict[str, object]:
     }
 
 
+def _failure(e: WfdError) -> dict[str, object]:
+    """A stream's end by error; `code` 2 is for good (no such run), others may pass (the
+    daemon restarting), and the page tries again."""
+    return {"error": e.message, "code": e.exit_code}
+
+
 async def run_events(request: web.Request) -> web.StreamResponse:
     """Server-sent events for one run: `update` while it runs (after each burst of events,
     and every TICK), `end` once it is over, `failure` if the daemon refuses or goes away."""
@@ -340,7 +344,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
                     ended = item.status
                     break  # the stream's end marker (None) follows: not a failure
                 elif isinstance(item, WfdError):
-                    await _sse(response, "failure", {"error": item.message})
+                    await _sse(response, "failure", _failure(item))
                     return response
                 elif item is None or isinstance(item, Exception):
                     await _sse(response, "failure", {"error": f"the stream ended: {item}"})
@@ -352,7 +356,7 @@ async def run_events(request: web.Request) -> web.StreamResponse:
                 status = (await daemon.call(protocol.Status(run_id=run_id),
                                             protocol.RunInfo)).status
             except WfdError as e:
-                await _sse(response, "failure", {"error": e.message})
+                await _sse(response, "failure", _failure(e))
                 return response
             await _sse(response, "update", _view(status, events, time.time()))
     except ConnectionError:

@@ -214,9 +214,14 @@ function runPage() {
       live("");
     });
     events.addEventListener("failure", (e) => {
-      showError(JSON.parse(e.data).error);
+      const failure = JSON.parse(e.data);
+      showError(failure.error);
       events.close(); events = null;
       live("");
+      if (failure.code !== 2) {  // not "no such run": the daemon may be restarting
+        live("retrying…");
+        setTimeout(() => { if (!events) { showError(""); follow(); } }, 3000);
+      }
     });
     events.onerror = () => live("reconnecting…");  // EventSource retries by itself
   }
