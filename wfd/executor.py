@@ -11,13 +11,19 @@ Contract:
   raises `StartFailed` with a one-line reason.
 - `identify(info)` fills in what `start` left out to return quickly (the
   leader's start time); the engine calls it off the critical path.
-- `kill(key, reason)` ends the attempt's whole tree; idempotent. `reason` is
-  "timeout", "cancel" or "stop" and comes back with the end.
-- `on_end(key, exit_code, kill_reason)` is called exactly once per started
-  attempt, when it is over: its leader exited and nothing of it is left.
-- `clear_stale(entries)` makes sure nothing of attempts recorded RUNNING by an
-  earlier daemon is left, before they are recorded interrupted.
-- `stop_all(reason)` kills every attempt and returns once all have ended.
+- `kill(key, reason, force=False)` ends the attempt's whole tree; idempotent,
+  except that `force` (a cancel or stop asked twice) skips what is left of the
+  grace. `reason` is "timeout", "cancel" or "stop" and comes back with the end.
+- `on_end(key, exit_code, kill_reason, start_error=None)` is called exactly
+  once per started attempt, when it is over: its leader exited and nothing of
+  it is left. `start_error` is set when the program never ran (an executor
+  may learn that only after `start` returned).
+- `clear_stale(entries, on_cleared=None)` makes sure nothing of attempts
+  recorded RUNNING by an earlier daemon is left, before they are recorded
+  interrupted; `on_cleared(key)` as each one is clear, and it returns once all
+  are. `kill(key, reason, force=True)` hurries one along.
+- `stop_all(reason, force=False)` kills every attempt and returns once all
+  have ended.
 """
 
 from __future__ import annotations
@@ -84,8 +90,9 @@ class Executor(Protocol):
 
     def identify(self, info: StartInfo) -> StartInfo: ...
 
-    def kill(self, key: AttemptKey, reason: str) -> None: ...
+    def kill(self, key: AttemptKey, reason: str, force: bool = False) -> None: ...
 
-    async def clear_stale(self, stale: list[StaleAttempt]) -> None: ...
+    async def clear_stale(self, stale: list[StaleAttempt],
+                          on_cleared: Callable[[AttemptKey], None] | None = None) -> None: ...
 
-    async def stop_all(self, reason: str) -> None: ...
+    async def stop_all(self, reason: str, force: bool = False) -> None: ...

@@ -10,13 +10,28 @@ The daemon is a child subreaper, so everything a step starts stays below it,
 also after a middle process dies. Each leader starts a session of its own
 (`setsid`), and every step process carries the marks `WFD_RUN_ID`,
 `WFD_STEP_ID` and `WFD_ATTEMPT` in its environment. A process is an attempt's
-when it is below the daemon and either is in the leader's session (the session
-id stays reserved while any member lives, so it cannot name a stranger) or
-carries that attempt's marks, all present and non-empty. After a daemon crash
-the old steps are no longer below us: then a process is the attempt's when it
-is the recorded leader (same pid, same start time, same boot) or carries the
-marks, and so are its descendants. Nothing else is ever signalled, and every
-signal goes through psutil, which checks the pid was not reused.
+when it is below the daemon, its real uid is the attempt's (the step's user,
+checked when the process is first seen), and either it carries that attempt's
+marks, all present and non-empty, or it is in the leader's session while the
+leader is not yet reaped. Until we reap it, the leader's pid, and so its
+session id, cannot name another process; after that a stranger may get the
+pid and start a session with that id. So a leader's exit is first seen while
+it is still a zombie (`waitid(WNOWAIT)`), what it left in its session is found
+then, and only then is it reaped. Every process found is remembered as a
+psutil.Process (pid and start time), and every signal goes through psutil,
+which refuses a pid that was reused.
+
+After a crash the old steps are no longer below us: then a process is the
+attempt's when it is the recorded leader (same pid, same start time, same
+boot) or carries the marks, and so are its descendants; again only processes
+of the run owner's uid.
+
+Killing
+-------
+SIGTERM to every process of the attempt, SIGKILL to what is left after its
+`kill_grace` (at once when the kill is asked again with `force`), until
+nothing of it is left and its leader is reaped. One task kills every dying
+attempt, so one pass over /proc per POLL tick serves them all.
 
 One reaper
 ----------
@@ -24,6 +39,16 @@ Only `reap` waits for children: it collects every exited child, leaders (whose
 status is the attempt's outcome) and the orphans the subreaper inherits alike.
 Popen objects are disarmed right after the spawn so that subprocess' own
 clean-up never steals a leader's status.
+
+Another user's step
+-------------------
+subprocess enters `cwd` while still root, and its `preexec_fn` (which ran
+after setuid) can deadlock a threaded daemon. So a step of another user starts
+as `/bin/sh -c CWD_WRAPPER`, already as that user: the shell enters the
+directory, checks the program can be found, and execs it. Until that exec its
+stdin is a pipe to the daemon: it writes why it could not go on there, and
+closes it right before the exec. The daemon reads the pipe from the loop and
+never waits for it: a reason read there becomes the attempt's start error.
 """
 
 from __future__ import annotations
@@ -32,7 +57,6 @@ import asyncio
 import ctypes
 import logging
 import os
-import pwd
 import signal
 import subprocess
 import time
@@ -44,16 +68,37 @@ import psutil
 
 from wfd.executor import AttemptKey, AttemptSpec, StaleAttempt, StartFailed, StartInfo
 from wfd.scheduler import exit_code_of
+from wfd.users import name_of
 
 log = logging.getLogger("wfd")
 
 MARK_RUN = "WFD_RUN_ID"
 MARK_STEP = "WFD_STEP_ID"
 MARK_ATTEMPT = "WFD_ATTEMPT"
+_MARK_KEYS = (MARK_RUN.encode(), MARK_STEP.encode(), MARK_ATTEMPT.encode())
 PR_SET_CHILD_SUBREAPER = 36
 POLL = 0.02  # seconds between checks while a tree is dying; only during kills
 WINDOW_AGE = 0.25  # attempts younger than this are scanned from their leader's pid up
 START_TIME_TOLERANCE = 0.05  # create_time is in clock ticks; allow for float rounding
+REPORT_LIMIT = 4096  # bytes kept of what the cwd wrapper says
+
+# Runs as the step's user: $1 the directory, then the argv. Why it cannot go on goes to
+# fd 0 (a pipe to the daemon), closed right before the final exec, so EOF with nothing
+# said means the program was exec'd. `cd` does not say why it failed, so on that path
+# only, `env --chdir` says it. cd sets OLDPWD to the daemon's directory: put it back.
+# The checks stop at what the daemon's own exec would refuse (missing, not executable).
+CWD_WRAPPER = """\
+set -- "${OLDPWD-}" "${OLDPWD+1}" "$@"
+cd -P -- "$3" 2>/dev/null || {
+  printf 'cwd ' >&0; /usr/bin/env --chdir="$3" true 2>&0 || exit 127; echo >&0; exit 127; }
+if [ "$2" ]; then OLDPWD=$1; else unset OLDPWD; fi
+shift 3
+command -v -- "$1" >/dev/null 2>&1 || { echo 'exec No such file or directory' >&0; exit 127; }
+case $1 in */*) if [ -d "$1" ] || [ ! -x "$1" ]; then
+  echo 'exec Permission denied' >&0; exit 127; fi;; esac
+exec </dev/null
+exec "$@"
+"""
 
 
 def boot_id() -> str:
@@ -67,24 +112,31 @@ def boot_id() -> str:
 BOOT_ID = boot_id()
 
 
-def become_subreaper() -> bool:
-    """Make orphaned descendants reparent to us instead of to init."""
+def become_subreaper(on: bool = True) -> bool:
+    """Make orphaned descendants reparent to us instead of to init (or stop that)."""
     try:
         libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+        return libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
     except (OSError, AttributeError):
         return False
 
 
-def read_marks(proc: psutil.Process) -> tuple[str, str, str] | None:
-    """The three marks if all are present and non-empty, else None: an absent mark
-    must never match an absent mark."""
+def marks_of(pid: int) -> tuple[str, str, str] | None:
+    """The three marks of process `pid` if all are present and non-empty, else None: an
+    absent mark must never match an absent mark. The first of a repeated name counts, as
+    for getenv."""
     try:
-        env = proc.environ()
-    except (psutil.Error, OSError):
+        with open(f"/proc/{pid}/environ", "rb") as f:
+            data = f.read()
+    except OSError:
         return None
-    marks = (env.get(MARK_RUN, ""), env.get(MARK_STEP, ""), env.get(MARK_ATTEMPT, ""))
-    return marks if all(marks) else None
+    found: dict[bytes, bytes] = {}
+    for entry in data.split(b"\0"):
+        name, _, value = entry.partition(b"=")
+        if name in _MARK_KEYS:
+            found.setdefault(name, value)
+    marks = tuple(found.get(k, b"").decode(errors="surrogateescape") for k in _MARK_KEYS)
+    return marks if all(marks) else None  # type: ignore[return-value]
 
 
 class ProcInfo(NamedTuple):
@@ -118,13 +170,13 @@ def proc_table(floor: int = 0) -> dict[int, ProcInfo]:
     return table
 
 
-def descendants(table: dict[int, ProcInfo], root: int) -> list[int]:
-    """Every process below `root` in `table`, iteratively (trees can be deep)."""
+def descendants(table: dict[int, ProcInfo], roots: Iterable[int]) -> list[int]:
+    """Every process below any of `roots` in `table`, iteratively (trees can be deep)."""
     children: dict[int, list[int]] = {}
     for pid, info in table.items():
         children.setdefault(info.ppid, []).append(pid)
     found: list[int] = []
-    stack = list(children.get(root, ()))
+    stack = [child for root in roots for child in children.get(root, ())]
     while stack:
         pid = stack.pop()
         found.append(pid)
@@ -137,11 +189,25 @@ def alive(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     result = []
     for proc in procs:
         try:
-            if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
-                result.append(proc)
+            with proc.oneshot():
+                if proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE:
+                    result.append(proc)
         except psutil.Error:
             pass
     return result
+
+
+def process_of(pid: int, uid: int) -> psutil.Process | None:
+    """`pid` if it runs (not a zombie) with real uid `uid`: only such a process may be
+    signalled for an attempt of that user."""
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.uids().real == uid and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
+    except psutil.Error:
+        pass
+    return None
 
 
 def send(procs: Iterable[psutil.Process], sig: int) -> None:
@@ -152,67 +218,56 @@ def send(procs: Iterable[psutil.Process], sig: int) -> None:
             pass
 
 
-def spawn(spec: AttemptSpec) -> StartInfo:
-    """Start the leader in a session of its own, output straight to its log file."""
+# ---- spawning ---------------------------------------------------------------------
+
+
+def spawn(spec: AttemptSpec) -> tuple[StartInfo, int]:
+    """Start the leader in a session of its own, output straight to its log file. The
+    second value is the read end of the cwd wrapper's pipe for another user's step (see
+    the module's doc), else -1."""
+    argv = spec.argv
     kwargs: dict = {
-        "stdin": subprocess.DEVNULL,
-        "stdout": spec.log_fd,
-        "stderr": spec.log_fd,
-        "env": spec.env,
-        "start_new_session": True,
-        "umask": spec.umask,
-        "close_fds": True,
+        "stdin": subprocess.DEVNULL, "stdout": spec.log_fd, "stderr": spec.log_fd,
+        "env": spec.env, "start_new_session": True, "umask": spec.umask, "close_fds": True,
     }
-    why_r = why_w = -1
+    report_r = report_w = -1
     if spec.user is None:
         kwargs["cwd"] = spec.cwd
     else:
-        # subprocess changes directory while still root; enter it as the user instead:
-        # preexec_fn runs after setgroups/setgid/setuid. subprocess reports only that
-        # preexec_fn failed, so the child writes why to a pipe (close-on-exec) first.
-        why_r, why_w = os.pipe()
-        cwd = spec.cwd
-
-        def enter_cwd() -> None:
-            try:
-                os.chdir(cwd)
-            except OSError as exc:
-                os.write(why_w, (exc.strerror or type(exc).__name__).encode()[:200])
-                raise
-
-        kwargs.update(
-            user=spec.user.uid, group=spec.user.gid, extra_groups=list(spec.user.groups),
-            preexec_fn=enter_cwd,
-        )
+        report_r, report_w = os.pipe()
+        os.set_blocking(report_r, False)
+        # "./" keeps a relative cwd away from CDPATH and from `cd -`
+        cwd = spec.cwd if spec.cwd.startswith("/") else "./" + spec.cwd
+        argv = ["/bin/sh", "-c", CWD_WRAPPER, "wfd-cwd", cwd, *spec.argv]
+        kwargs.update(stdin=report_w, cwd="/", user=spec.user.uid, group=spec.user.gid,
+                      extra_groups=list(spec.user.groups))
     try:
-        popen = subprocess.Popen(spec.argv, **kwargs)
-    except subprocess.SubprocessError:
-        why = ""
-        if why_r >= 0:
-            os.close(why_w)  # the child's copy is gone: read to the end of what it said
-            why_w = -1
-            why = os.read(why_r, 512).decode(errors="replace")
-        user = spec.user.uid if spec.user is not None else os.getuid()
-        raise StartFailed(f"cannot enter {spec.cwd} as {_user_name(user)}: "
-                          f"{why or 'failed before exec'}") from None
-    except OSError as exc:
-        raise StartFailed(_os_error_text(exc)) from None
-    except ValueError as exc:  # an embedded NUL the checks upstream should have refused
-        raise StartFailed(str(exc)) from None
+        popen = subprocess.Popen(argv, **kwargs)
+    except (OSError, ValueError, subprocess.SubprocessError) as exc:
+        if report_r >= 0:
+            os.close(report_r)
+        # ValueError: an embedded NUL the checks upstream should have refused
+        raise StartFailed(_os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+                          ) from None
     finally:
-        for fd in (why_r, why_w):
-            if fd >= 0:
-                os.close(fd)
+        if report_w >= 0:
+            os.close(report_w)
     # Disarm: our reaper owns this pid's exit status (see "One reaper").
     popen.returncode = 0
-    return StartInfo(popen.pid, None, BOOT_ID)
+    return StartInfo(popen.pid, None, BOOT_ID), report_r
 
 
-def _user_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid {uid}"
+def wrapper_error(said: bytes, cwd: str, uid: int, program: str) -> str | None:
+    """The start error the cwd wrapper reported, or None if it said nothing."""
+    kind, _, text = said.decode(errors="replace").partition(" ")
+    line = text.strip().splitlines()[0] if text.strip() else ""
+    if kind == "cwd":
+        # `env: cannot change directory to 'DIR': REASON`; DIR may hold ": " itself
+        reason = line.rsplit(": ", 1)[-1] if "cannot change directory" in line else ""
+        return f"cannot enter {cwd} as {name_of(uid)}: {reason or 'cannot change directory'}"
+    if kind == "exec":
+        return f"{line}: {program}"
+    return None
 
 
 def _os_error_text(exc: OSError) -> str:
@@ -222,29 +277,70 @@ def _os_error_text(exc: OSError) -> str:
     return text
 
 
+# ---- the executor -----------------------------------------------------------------
+
+
 @dataclass
+class _Report:
+    """The read end of a cwd wrapper's pipe, and what is needed to word its reason."""
+
+    fd: int
+    cwd: str
+    uid: int
+    program: str
+    said: bytes = b""
+
+
+@dataclass(eq=False)
 class _Attempt:
     key: AttemptKey
     pid: int
     grace: float
+    uid: int  # the real uid a process must have to be taken for one of its
     status: int | None = None  # the leader's wait status, once reaped
+    reaped: bool = False
     kill_reason: str | None = None
-    killing: asyncio.Task | None = None
-    extra: list[psutil.Process] = field(default_factory=list)
+    dying: bool = False
+    deadline: float = 0.0  # monotonic time of the SIGKILL, once dying
+    forced: bool = False  # asked again: SIGKILL without waiting out the grace
+    escalated: bool = False
+    members: dict[int, psutil.Process] = field(default_factory=dict)
+    termed: set[psutil.Process] = field(default_factory=set)
+    report: _Report | None = None
     started: float = field(default_factory=time.monotonic)
+
+
+@dataclass(eq=False)
+class _Stale:
+    """An attempt of a previous daemon being cleared."""
+
+    key: AttemptKey
+    uid: int
+    grace: float
+    deadline: float
+    members: dict[int, psutil.Process] = field(default_factory=dict)
+    termed: set[psutil.Process] = field(default_factory=set)
+    told: bool = False
+    forced: bool = False
+    escalated: bool = False
 
 
 class LocalExecutor:
     """Runs attempts as local process trees; calls `on_end(key, exit_code, kill_reason)`
-    once per attempt, after its leader exited and every process of it is gone."""
+    once per attempt, after its leader exited and every process of it is gone (with
+    `start_error=` when the cwd wrapper could not start the program)."""
 
-    def __init__(self, on_end: Callable[[AttemptKey, int | None, str | None], None]) -> None:
+    def __init__(self, on_end: Callable[..., None]) -> None:
         self.on_end = on_end
         self.attempts: dict[AttemptKey, _Attempt] = {}
-        self.by_pid: dict[int, _Attempt] = {}
+        self.by_pid: dict[int, _Attempt] = {}  # leaders not yet reaped
         self._settle_scheduled = False
         self._exited: list[_Attempt] = []
+        self._dying: dict[AttemptKey, _Attempt] = {}
+        self._killer: asyncio.Task | None = None
+        self._stale: dict[AttemptKey, _Stale] = {}
         self.pid = os.getpid()
+        self.uid = os.getuid()
 
     def install(self, loop: asyncio.AbstractEventLoop) -> None:
         become_subreaper()
@@ -254,8 +350,12 @@ class LocalExecutor:
     # -- start ---------------------------------------------------------------------
 
     def start(self, spec: AttemptSpec) -> StartInfo:
-        info = spawn(spec)
-        attempt = _Attempt(spec.key, info.pid, spec.kill_grace)
+        info, report_fd = spawn(spec)
+        uid = self.uid if spec.user is None else spec.user.uid
+        attempt = _Attempt(spec.key, info.pid, spec.kill_grace, uid)
+        if report_fd >= 0:
+            attempt.report = _Report(report_fd, spec.cwd, uid, spec.argv[0])
+            self.loop.add_reader(report_fd, self._read_report, attempt)
         self.attempts[spec.key] = attempt
         self.by_pid[info.pid] = attempt
         self.reap()  # it may have exited before we registered it
@@ -276,22 +376,49 @@ class LocalExecutor:
     def running(self) -> int:
         return len(self.attempts)
 
+    def _read_report(self, attempt: _Attempt) -> None:
+        """Take what the cwd wrapper wrote; at EOF (it exec'd, or gave up) close the pipe."""
+        report = attempt.report
+        if report is None or report.fd < 0:
+            return
+        try:
+            while chunk := os.read(report.fd, REPORT_LIMIT):
+                report.said = (report.said + chunk)[:REPORT_LIMIT]
+        except BlockingIOError:
+            return  # more to come
+        except OSError:
+            pass
+        self._close_report(report)
+
+    def _close_report(self, report: _Report) -> None:
+        if report.fd >= 0:
+            self.loop.remove_reader(report.fd)
+            os.close(report.fd)
+            report.fd = -1
+
     # -- reaping ------------------------------------------------------------------
 
     def reap(self) -> None:
-        """Collect every exited child: leaders' statuses are kept, orphans discarded."""
+        """Collect every exited child: leaders' statuses are kept, orphans discarded.
+        Leaders are looked at before they are reaped (see the module's doc): one scan
+        serves every leader that has exited by then."""
+        seen: set[int] = set()
         while True:
-            try:
-                pid, status = os.waitpid(-1, os.WNOHANG)
-            except ChildProcessError:
+            pid = _waitable_child()
+            if pid is None or pid in seen:  # seen: waitid and waitpid disagree; never spin
                 return
-            if pid == 0:
-                return
-            attempt = self.by_pid.pop(pid, None)
-            if attempt is not None:
-                attempt.status = status
+            seen.add(pid)
+            if pid not in self.by_pid:
+                _reap_pid(pid)  # an orphan we inherited, or a wrapper that failed to start
+                continue
+            exited = [a for a in self.by_pid.values() if _has_exited(a.pid)]
+            self._claim(exited)
+            for attempt in exited:
+                del self.by_pid[attempt.pid]
+                attempt.status = _reap_pid(attempt.pid)
+                attempt.reaped = True
                 self._exited.append(attempt)
-                self._schedule_settle()
+            self._schedule_settle()
 
     def _schedule_settle(self) -> None:
         if not self._settle_scheduled:
@@ -299,183 +426,283 @@ class LocalExecutor:
             self.loop.call_soon(self._settle)
 
     def _settle(self) -> None:
-        """Attempts whose leader exited: end them, or first kill what they left behind.
-        One scan of /proc serves every attempt that ended since the last call."""
+        """Attempts whose leader was reaped: end them, or first kill what they left behind
+        (found while the leader was a zombie)."""
         self._settle_scheduled = False
         exited, self._exited = self._exited, []
-        pending = [a for a in exited if a.killing is None]  # a kill task finishes the others
-        if not pending:
-            return
-        left = self._leftovers([a.key for a in pending])
-        for attempt in pending:
-            procs = left.get(attempt.key)
-            if procs:
-                log.info("%s: killing %d process(es) left behind", _name(attempt.key), len(procs))
-                attempt.extra = procs
-                attempt.killing = asyncio.ensure_future(self._terminate(attempt))
+        for attempt in exited:
+            if attempt.dying:
+                continue  # the kill loop ends it
+            left = alive(attempt.members.values())
+            if left:
+                log.info("%s: killing %d process(es) left behind", _name(attempt.key), len(left))
+                self._begin_kill(attempt)
             else:
                 self._finish(attempt)
 
     def _finish(self, attempt: _Attempt) -> None:
         self.attempts.pop(attempt.key, None)
-        status = attempt.status
-        code = None if status is None else exit_code_of(status)
-        self.on_end(attempt.key, code, attempt.kill_reason)
+        code = None if attempt.status is None else exit_code_of(attempt.status)
+        report = attempt.report
+        error = None
+        if report is not None:
+            self._read_report(attempt)  # the wrapper is gone: all it said is in the pipe
+            self._close_report(report)
+            error = wrapper_error(report.said, report.cwd, report.uid, report.program)
+        try:
+            if error is not None and attempt.kill_reason is None:
+                self.on_end(attempt.key, None, None, start_error=error)
+            else:
+                self.on_end(attempt.key, code, attempt.kill_reason)
+        except Exception:  # one attempt's bookkeeping must not stop the others' kills
+            log.exception("%s: recording the end failed", _name(attempt.key))
 
     # -- finding a tree ------------------------------------------------------------
 
-    def _owner_of(self, table: dict[int, ProcInfo], pid: int,
-                  sessions: dict[int, AttemptKey]) -> AttemptKey | None:
-        key = sessions.get(table[pid].sid)
-        if key is not None:
-            return key
-        try:
-            marks = read_marks(psutil.Process(pid))
-        except psutil.Error:
-            return None
-        if marks is None:
-            return None
-        for known in self.attempts:
-            if known.marks() == marks:
-                return known
-        return None
+    def _claim(self, attempts: list[_Attempt]) -> None:
+        """Bring each of `attempts`' members up to date: drop those gone, add the processes
+        below the daemon that are its (see the module's doc) and not yet known. One pass
+        over /proc serves them all."""
+        if not attempts:
+            return
+        for attempt in attempts:
+            attempt.members = {p.pid: p for p in alive(attempt.members.values())}
+        table = proc_table(self._scan_floor(attempts))
+        # Only an unreaped leader's session id is proof: see the module's doc.
+        sessions = {a.pid: a for a in self.attempts.values() if not a.reaped}
+        wanted = {a.key.marks(): a for a in attempts}
+        targets = set(attempts)
+        known = set(self.by_pid).union(*(a.members for a in attempts))
+        for pid in descendants(table, [self.pid]):
+            if pid in known:
+                continue
+            owner = sessions.get(table[pid].sid)
+            if owner is None:
+                marks = marks_of(pid)
+                owner = wanted.get(marks) if marks is not None else None
+            if owner not in targets:
+                continue
+            proc = process_of(pid, owner.uid)
+            if proc is not None:
+                owner.members[pid] = proc
 
-    def _scan_floor(self, attempts: Iterable[_Attempt]) -> int:
+    def _scan_floor(self, attempts: list[_Attempt]) -> int:
         """The lowest pid that can belong to `attempts`: every process of an attempt, and
         every process between it and the daemon, was created after its leader, so has a
         higher pid, unless pids wrapped since. A wrap shows as a last pid below the
         leader's; a full wrap round takes longer than WINDOW_AGE, so older attempts get
-        a full scan."""
+        a full scan. (`attempts` is a list: it is read twice.)"""
         now = time.monotonic()
         floor = min((a.pid for a in attempts), default=0)
         if any(now - a.started > WINDOW_AGE for a in attempts) or last_pid() < floor:
             return 0
         return floor
 
-    def _leftovers(self, keys: Iterable[AttemptKey]) -> dict[AttemptKey, list[psutil.Process]]:
-        """Processes below the daemon that belong to the attempts `keys`."""
-        wanted = set(keys)
-        table = proc_table(self._scan_floor(
-            self.attempts[k] for k in wanted if k in self.attempts
-        ))
-        sessions = {a.pid: a.key for a in self.attempts.values()}
-        found: dict[AttemptKey, list[psutil.Process]] = {}
-        for pid in descendants(table, self.pid):
-            key = self._owner_of(table, pid, sessions)
-            if key in wanted:
-                try:
-                    found.setdefault(key, []).append(psutil.Process(pid))
-                except psutil.Error:
-                    pass
-        return found
-
-    def _tree(self, attempt: _Attempt) -> list[psutil.Process]:
-        return self._leftovers([attempt.key]).get(attempt.key, [])
-
     # -- killing ------------------------------------------------------------------
 
-    def kill(self, key: AttemptKey, reason: str) -> None:
-        """Kill the attempt's whole tree (idempotent); its end comes through on_end."""
+    def kill(self, key: AttemptKey, reason: str, force: bool = False) -> None:
+        """Kill the attempt's whole tree; its end comes through on_end. Asked again while it
+        is dying, nothing changes unless `force`: then SIGKILL at once. Also `force`s the
+        clearing of a previous daemon's attempt (`clear_stale`)."""
+        self.reap()  # a leader that exited before the kill (noticed late) keeps its outcome
         attempt = self.attempts.get(key)
-        if attempt is None or attempt.killing is not None:
+        if attempt is None:
+            stale = self._stale.get(key)
+            if stale is not None and force:
+                stale.deadline, stale.forced = min(stale.deadline, time.monotonic()), True
             return
-        if attempt.status is None:  # a leader that already exited keeps its own outcome
-            attempt.kill_reason = reason
-        attempt.killing = asyncio.ensure_future(self._terminate(attempt))
+        if not attempt.dying and not attempt.reaped:
+            attempt.kill_reason = reason  # a leader that already exited keeps its outcome
+        self._begin_kill(attempt, force)
 
-    async def _terminate(self, attempt: _Attempt) -> None:
-        """SIGTERM to the whole tree, SIGKILL to what is left after the grace, until
-        nothing of it is left and the leader is reaped."""
-        name = _name(attempt.key)
-        send(self._tree(attempt) + attempt.extra, signal.SIGTERM)
-        deadline = time.monotonic() + attempt.grace
-        while time.monotonic() < deadline:
-            if attempt.status is not None and not alive(self._tree(attempt) + attempt.extra):
-                break
-            await asyncio.sleep(POLL)
-        else:
-            log.warning("%s: still running %g s after SIGTERM, sending SIGKILL", name,
-                        attempt.grace)
-        while True:
-            left = alive(self._tree(attempt) + attempt.extra)
-            if not left and attempt.status is not None:
-                break
-            send(left, signal.SIGKILL)
-            await asyncio.sleep(POLL)
-        self._finish(attempt)
+    def _begin_kill(self, attempt: _Attempt, force: bool = False) -> None:
+        now = time.monotonic()
+        if attempt.dying:
+            if force:
+                attempt.deadline, attempt.forced = min(attempt.deadline, now), True
+            return
+        attempt.dying, attempt.forced = True, force
+        attempt.deadline = now if force else now + attempt.grace
+        if not attempt.reaped:  # safe to name by pid until we reap it
+            try:
+                attempt.members[attempt.pid] = psutil.Process(attempt.pid)
+            except psutil.Error:
+                pass
+        self._dying[attempt.key] = attempt
+        if self._killer is None:
+            self._killer = self.loop.create_task(self._kill_loop())
 
-    async def stop_all(self, reason: str) -> None:
-        """Kill every running attempt and wait until all have ended."""
+    async def _kill_loop(self) -> None:
+        """Kill every dying attempt, one tick per POLL, until none is left."""
+        try:
+            while self._dying:
+                self._kill_tick()
+                if self._dying:
+                    await asyncio.sleep(POLL)
+        finally:
+            self._killer = None
+
+    def _kill_tick(self) -> None:
+        """One look for all dying attempts: end those with nothing left and the leader
+        reaped; SIGTERM what is new in the others, and past the deadline SIGKILL all of it."""
+        dying = list(self._dying.values())
+        self._claim(dying)
+        now = time.monotonic()
+        for attempt in dying:
+            left = list(attempt.members.values())
+            if not left and attempt.reaped:
+                del self._dying[attempt.key]
+                self._finish(attempt)
+                continue
+            # SIGTERM first, also to what joined since: a kill_grace of 0 is still TERM, KILL
+            send([p for p in left if p not in attempt.termed], signal.SIGTERM)
+            attempt.termed.update(left)
+            if now >= attempt.deadline:
+                if not attempt.escalated:
+                    attempt.escalated = True
+                    _warn_escalation(attempt.key, attempt.grace, attempt.forced)
+                send(left, signal.SIGKILL)
+
+    async def stop_all(self, reason: str, force: bool = False) -> None:
+        """Kill every running attempt (`force`: SIGKILL at once, also to the previous
+        daemon's attempts being cleared) and wait until all have ended."""
         for key in list(self.attempts):
-            self.kill(key, reason)
-        tasks = [a.killing for a in self.attempts.values() if a.killing is not None]
-        if tasks:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            self.kill(key, reason, force)
+        if force:
+            for key in list(self._stale):
+                self.kill(key, reason, force)
+        while self._killer is not None:
+            await asyncio.shield(self._killer)
 
     # -- after a crash: trees of the previous daemon ---------------------------------
 
-    async def clear_stale(self, stale: list[StaleAttempt]) -> None:
+    async def clear_stale(self, stale: list[StaleAttempt],
+                          on_cleared: Callable[[AttemptKey], None] | None = None) -> None:
         """Make sure no process of the given attempts of a previous daemon is left.
 
-        Those are the processes with an attempt's marks, and the recorded leader (same
-        pid, start time and boot), each with its descendants: SIGTERM, then SIGKILL after
-        the step's `kill_grace`. A process may start another while it is being killed
-        (`trap 'cleanup &' TERM`), and once it exits that one is below nothing we know:
-        so the kill is over only when a fresh look for the marks finds nothing left."""
-        if not stale:
-            return
-        wanted = {key.marks(): key for key, *_ in stale}
-        graces = {key: grace for key, *_, grace in stale}
-        known = _find_marked(wanted)
-        for key, pid, start_time, boot, _grace in stale:
-            leader = _verified_leader(pid, start_time, boot)
-            if leader is not None:
-                known.setdefault(key, []).append(leader)
-        began = time.monotonic()
-        termed: set[int] = set()
-        told: set[AttemptKey] = set()
-        escalated: set[AttemptKey] = set()
-        while True:
-            left = _alive_trees(known)
-            if not left:  # all we knew of is gone: look again for what started meanwhile
-                left = _alive_trees(_find_marked(wanted))
-                if not left:
-                    return
-            now = time.monotonic()
-            for key, procs in left.items():
-                if key not in told:
-                    told.add(key)
-                    log.info("%s: killing %d process(es) of the previous daemon",
-                             _name(key), len(procs))
-                if now < began + graces[key]:
-                    send([p for p in procs if p.pid not in termed], signal.SIGTERM)
-                    termed.update(p.pid for p in procs)
-                else:
-                    if key not in escalated:
-                        escalated.add(key)
-                        log.warning("%s: still running %g s after SIGTERM, sending SIGKILL",
-                                    _name(key), graces[key])
-                    send(procs, signal.SIGKILL)
-            known = left
-            await asyncio.sleep(POLL)
+        Those are the processes of the run owner's uid with an attempt's marks, and the
+        recorded leader (same pid, start time and boot), each with its descendants:
+        SIGTERM, then SIGKILL after the step's `kill_grace`, or at once once
+        `kill(key, ..., force=True)` asks. A process may start another while it is being
+        killed (`trap 'cleanup &' TERM`), and once it exits that one is below nothing we
+        know: so an attempt is clear only when a fresh look for its marks finds nothing.
+        Attempts are cleared side by side, each on its own grace: `on_cleared(key)` is
+        called as soon as one is clear, and this returns when all are."""
+        now = time.monotonic()
+        entries: dict[AttemptKey, _Stale] = {}
+        for item in stale:
+            uid = self.uid if item.uid is None else item.uid
+            entries[item.key] = self._stale[item.key] = _Stale(
+                item.key, uid, item.kill_grace, now + item.kill_grace)
+        try:
+            _find_marked(proc_table(), list(entries.values()))
+            for item in stale:
+                leader = _verified_leader(item.pid, item.start_time, item.boot_id)
+                entry = entries[item.key]
+                if leader is not None and _uid_of(leader) == entry.uid:
+                    entry.members[leader.pid] = leader
+            while entries:
+                for key in self._stale_tick(list(entries.values())):
+                    del entries[key]
+                    self._stale.pop(key, None)
+                    if on_cleared is not None:
+                        on_cleared(key)
+                if entries:
+                    await asyncio.sleep(POLL)
+        finally:
+            for key in entries:
+                self._stale.pop(key, None)
+
+    def _stale_tick(self, entries: list[_Stale]) -> list[AttemptKey]:
+        """One look at every stale attempt being cleared (one pass over /proc, read after
+        the known processes were checked, so it holds whatever they started before they
+        went); the keys of those now clear."""
+        for entry in entries:
+            entry.members = {p.pid: p for p in alive(entry.members.values())}
+        table = proc_table()
+        for entry in entries:
+            _grow(table, entry)
+        empty = [e for e in entries if not e.members]
+        _find_marked(table, empty)  # all we knew of is gone: look again for what started
+        now = time.monotonic()
+        cleared = []
+        for entry in entries:
+            left = list(entry.members.values())
+            if not left:
+                cleared.append(entry.key)
+                continue
+            if not entry.told:
+                entry.told = True
+                log.info("%s: killing %d process(es) of the previous daemon",
+                         _name(entry.key), len(left))
+            send([p for p in left if p not in entry.termed], signal.SIGTERM)
+            entry.termed.update(left)
+            if now >= entry.deadline:
+                if not entry.escalated:
+                    entry.escalated = True
+                    _warn_escalation(entry.key, entry.grace, entry.forced)
+                send(left, signal.SIGKILL)
+        return cleared
 
 
-def _find_marked(wanted: dict[tuple[str, str, str], AttemptKey],
-                 ) -> dict[AttemptKey, list[psutil.Process]]:
-    """Every process whose marks are those of one of the `wanted` attempts."""
-    found: dict[AttemptKey, list[psutil.Process]] = {}
-    for proc in psutil.process_iter():
-        marks = read_marks(proc)
-        if marks is not None and marks in wanted:
-            found.setdefault(wanted[marks], []).append(proc)
-    return found
+# ---- helpers ----------------------------------------------------------------------
 
 
-def _alive_trees(procs: dict[AttemptKey, list[psutil.Process]],
-                 ) -> dict[AttemptKey, list[psutil.Process]]:
-    """Those of `procs` still running, with their descendants; attempts with none left out."""
-    left = {key: alive(_with_descendants(alive(group))) for key, group in procs.items()}
-    return {key: group for key, group in left.items() if group}
+def _waitable_child() -> int | None:
+    """The pid of a child that has exited, left unreaped; None if there is none."""
+    try:
+        info = os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return None
+    return None if info is None else info.si_pid
+
+
+def _has_exited(pid: int) -> bool:
+    """Whether our child `pid` has exited (it stays unreaped); True if it is not our child
+    any more, so that its attempt still ends."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _reap_pid(pid: int) -> int | None:
+    """Reap the exited child `pid`; its wait status (None if it was not ours to reap)."""
+    try:
+        reaped, status = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return None
+    return status if reaped == pid else None
+
+
+def _uid_of(proc: psutil.Process) -> int | None:
+    try:
+        return proc.uids().real
+    except psutil.Error:
+        return None
+
+
+def _grow(table: dict[int, ProcInfo], entry: _Stale) -> None:
+    """Add to the stale attempt the descendants of its processes."""
+    for pid in descendants(table, list(entry.members)):
+        if pid not in entry.members:
+            proc = process_of(pid, entry.uid)
+            if proc is not None:
+                entry.members[pid] = proc
+
+
+def _find_marked(table: dict[int, ProcInfo], entries: list[_Stale]) -> None:
+    """Add to `entries` every process in `table` with one's marks and uid."""
+    wanted = {e.key.marks(): e for e in entries}
+    if not wanted:
+        return
+    for pid in table:
+        marks = marks_of(pid)
+        entry = wanted.get(marks) if marks is not None else None
+        if entry is not None and pid not in entry.members:
+            proc = process_of(pid, entry.uid)
+            if proc is not None:
+                entry.members[pid] = proc
 
 
 def _verified_leader(pid: int | None, start_time: float | None,
@@ -492,16 +719,11 @@ def _verified_leader(pid: int | None, start_time: float | None,
     return None
 
 
-def _with_descendants(procs: list[psutil.Process]) -> list[psutil.Process]:
-    result: dict[int, psutil.Process] = {}
-    for proc in procs:
-        result[proc.pid] = proc
-        try:
-            for child in proc.children(recursive=True):
-                result.setdefault(child.pid, child)
-        except psutil.Error:
-            pass
-    return list(result.values())
+def _warn_escalation(key: AttemptKey, grace: float, forced: bool) -> None:
+    if forced:
+        log.warning("%s: killed again, sending SIGKILL", _name(key))
+    else:
+        log.warning("%s: still running %g s after SIGTERM, sending SIGKILL", _name(key), grace)
 
 
 def _name(key: AttemptKey) -> str:
