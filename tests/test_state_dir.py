@@ -137,12 +137,11 @@ def test_runs_as_a_symlink_is_refused(daemon, wfd_tmp: Path) -> None:
 # ---- no symlink followed under the state dir ---------------------------------------
 
 
-def gated(root: Path) -> Path:
-    """A run whose step `a` counts its attempts in a file and waits for a gate."""
+def failing(root: Path) -> Path:
+    """A workflow whose one step counts its attempts in a file and fails."""
     stamp = f'echo "$WFD_RUN_ID $WFD_ATTEMPT" >> {root / "stamps"}'
-    return write_workflow(root, {"name": "gated", "steps": [
-        {"id": "a", "command": f"{stamp}; while [ ! -e {root / 'gate'} ]; do sleep 0.05; done",
-         "kill_grace": 1},
+    return write_workflow(root, {"name": "failing", "steps": [
+        {"id": "a", "command": f"{stamp}; exit 1"},
     ]})
 
 
@@ -152,51 +151,53 @@ def stamps(root: Path, run_id: str) -> int:
     return sum(line.split()[0] == run_id for line in lines)
 
 
-def interrupted_run(d: Daemon, root: Path) -> str:
-    """A run left RUNNING by a daemon stop, its step `a` interrupted in attempt 1."""
-    run_id = d.submit(gated(root))
-    wait_until(lambda: stamps(root, run_id) == 1, timeout=20, message="attempt 1 to start")
-    assert d.stop() == 0
+def failed_run(d: Daemon, root: Path) -> str:
+    """A FAILED run (attempt 1 of its step `a` ran), which `resume` would run again."""
+    done = d.wfctl("run", "--wait", str(failing(root)))
+    assert done.returncode == 1, done.stderr  # exit 1: the run FAILED
+    run_id = done.stdout.strip()
+    assert run_json(d, run_id)["state"] == "FAILED"
+    assert stamps(root, run_id) == 1
     return run_id
 
 
 def test_a_run_dir_that_is_a_symlink_is_corrupt_and_not_followed(
         daemon, wfd_tmp: Path) -> None:
     d = daemon()
-    run_id = interrupted_run(d, wfd_tmp)
+    run_id = failed_run(d, wfd_tmp)
+    assert d.stop() == 0
     real = d.state_dir / "runs" / run_id
     moved = wfd_tmp / "outside" / run_id
     moved.parent.mkdir()
     real.rename(moved)
     real.symlink_to(moved, target_is_directory=True)
-    before = (moved / "events.jsonl").read_bytes()
+    before = {p.name: p.read_bytes() for p in moved.rglob("*") if p.is_file()}
 
     d.start()
     status = run_json(d, run_id)
     assert status["state"] == "CORRUPT", status
     assert {r["run_id"]: r["state"] for r in run_json(d)} == {run_id: "CORRUPT"}
     assert d.wfctl("replay", run_id).returncode == 5
-    (wfd_tmp / "gate").touch()
-    fresh = d.submit(gated(wfd_tmp), "--wait")  # the daemon goes on with other runs
-    assert run_json(d, fresh)["state"] == "SUCCEEDED"
-    # Nothing behind the link was run, read into a run, or written.
+    assert d.wfctl("resume", run_id).returncode == 2  # a FAILED run would run again
+    fresh = failed_run(d, wfd_tmp)  # the daemon goes on with other runs
+    assert fresh != run_id
+    # Nothing behind the link was run, or written.
     assert stamps(wfd_tmp, run_id) == 1
-    assert (moved / "events.jsonl").read_bytes() == before
-    assert sorted(p.name for p in (moved / "logs").iterdir()) == ["a.1.log"]
+    assert {p.name: p.read_bytes() for p in moved.rglob("*") if p.is_file()} == before
     assert real.is_symlink()
 
 
 def test_a_logs_dir_that_is_a_symlink_is_not_written_through(daemon, wfd_tmp: Path) -> None:
     d = daemon()
-    run_id = interrupted_run(d, wfd_tmp)
+    run_id = failed_run(d, wfd_tmp)
     logs = d.state_dir / "runs" / run_id / "logs"
     trap = wfd_tmp / "trap"
     trap.mkdir()
     shutil.rmtree(logs)
     logs.symlink_to(trap, target_is_directory=True)
-    (wfd_tmp / "gate").touch()
 
-    d.start()  # resumes the run: attempt 2 of `a` cannot open its log through the link
+    resumed = d.wfctl("resume", run_id)  # attempt 2 cannot open its log through the link
+    assert resumed.returncode == 0, resumed.stderr
     status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", "CANCELLED", timeout=20)
     step = status["steps"]["a"]
     assert status["state"] == "FAILED" and step["attempts"] == 2, status
