@@ -116,6 +116,8 @@ def _stop_daemons(box: Sandbox) -> list[str]:
                 continue
             if status != 0:
                 problems.append(f"daemon {daemon.name} exited {status} on SIGTERM")
+    for daemon in box.daemons:  # steps outlive a daemon: their keeper stops them
+        daemon.stop_keeper()
     return problems
 
 

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+import psutil
+
 REPO = Path(__file__).resolve().parent.parent
 MARK_VAR = "WFDTEST_MARK"
 START_TIMEOUT = 30.0  # a daemon under a loaded CI box may take a while to recover and bind
@@ -192,8 +194,13 @@ class Daemon:
             raise AssertionError(f"daemon {self.name} exited with status "
                                  f"{self.proc.returncode} at start:\n{self.log_text()}")
 
-    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
-        """SIGTERM and wait; its exit status. SIGKILL and AssertionError if it hangs."""
+    def stop(self, timeout: float = STOP_TIMEOUT, keep_steps: bool = False) -> int:
+        """SIGTERM and wait; its exit status. SIGKILL and AssertionError if it hangs.
+
+        A stopped daemon leaves its running steps to the keeper; unless `keep_steps`, the
+        keeper is stopped too (SIGTERM: it stops the steps, records them as stopped, and
+        exits), so that a test's stop stops everything, as before steps outlived the
+        daemon."""
         assert self.proc is not None, f"daemon {self.name} was never started"
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
@@ -204,7 +211,43 @@ class Daemon:
                 self.proc.wait()
                 raise AssertionError(f"daemon {self.name} ignored SIGTERM for {timeout:g} s; "
                                      "killed it") from None
+        if not keep_steps:
+            self.stop_keeper(timeout)
         return self.proc.returncode
+
+    def keeper(self) -> psutil.Process | None:
+        """The state dir's keeper, if one runs (proven by its command line)."""
+        keeper_dir = self.state_dir / "keeper"
+        try:
+            pid = int((keeper_dir / "lock").read_text().split()[0])
+            proc = psutil.Process(pid)
+            if str(keeper_dir) in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
+                return proc
+        except (OSError, ValueError, IndexError, psutil.Error):
+            pass
+        return None
+
+    def stop_keeper(self, timeout: float = STOP_TIMEOUT) -> None:
+        """SIGTERM the keeper and wait until it is gone (it stops its steps first)."""
+        proc = self.keeper()
+        if proc is None:
+            return
+        try:
+            proc.terminate()
+            wait_until(lambda: not _running(proc), timeout, interval=0.05,
+                       message=f"keeper of {self.name} to stop")
+        except psutil.Error:
+            pass
+
+    def kill_keeper(self) -> None:
+        """SIGKILL the keeper, as a reboot would (its steps are left behind)."""
+        proc = self.keeper()
+        if proc is not None:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+            wait_until(lambda: not _running(proc), 10, interval=0.02)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: its step processes are left behind, as after a real one."""
@@ -257,6 +300,14 @@ class Daemon:
         done = self.wfctl("run", str(workflow), *flags)
         assert done.returncode == 0, f"wfctl run exited {done.returncode}: {done.stderr}"
         return done.stdout.strip()
+
+
+def _running(proc: psutil.Process) -> bool:
+    """Alive and not a zombie (PID 1 here may never reap it)."""
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def run_json(daemon: Daemon, run_id: str | None = None) -> Any:

@@ -658,7 +658,7 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",
-                                                    "depends_on"]
+                                                    "depends_on", "cpu", "max_rss"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 
@@ -800,8 +800,12 @@ def test_logs_into_a_closed_pipe_is_quiet(sandbox: Any, fake: Callable) -> None:
 def test_shutdown(wfctl: Callable, fake: Callable) -> None:
     server = fake(lambda request: [p.Ok()])
     done = wfctl("shutdown", "--socket", str(server.path))
-    assert (done.returncode, done.stderr) == (0, "wfd stopping\n")
+    assert (done.returncode, done.stderr) == (0, "wfd stopping; running steps go on\n")
     assert server.kinds() == ["Hello", "Shutdown"]
+    assert server.requests[-1].stop_steps is False
+    done = wfctl("shutdown", "--stop-steps", "--socket", str(server.path))
+    assert (done.returncode, done.stderr) == (0, "wfd stopping its steps, then itself\n")
+    assert server.requests[-1].stop_steps is True
 
 
 def test_unexpected_reply_is_an_error_not_a_traceback(wfctl: Callable, fake: Callable) -> None:

@@ -64,12 +64,14 @@ def assert_one_line(done: subprocess.CompletedProcess, code: int = 2) -> str:
 
 
 def state_files(d: Daemon) -> list[str]:
-    """Every file and dir under the state dir but the lock: what a run would leave."""
+    """Every file and dir under the state dir but the lock and the keeper's own: what a
+    run would leave."""
     found = []
     for dirpath, dirnames, filenames in os.walk(d.state_dir):
         rel = os.path.relpath(dirpath, d.state_dir)
         found += [os.path.normpath(os.path.join(rel, n)) for n in dirnames + filenames]
-    return sorted(f for f in found if f not in ("lock", "runs"))
+    return sorted(f for f in found
+                  if f not in ("lock", "runs") and f.split(os.sep)[0] != "keeper")
 
 
 # ---- validate and run of bad workflows ----------------------------------------------

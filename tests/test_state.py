@@ -658,7 +658,7 @@ def ordered(data: bytes) -> Any:
 
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on"]
+             "depends_on", "cpu", "max_rss"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
 
 
@@ -687,7 +687,7 @@ def test_run_status_values() -> None:
     story.succeed("ok")
     attempt = story.claim("killed")
     story.emit(ev.StepFailed, step="killed", attempt=attempt, exit_code=-9,
-               error="killed by SIGKILL")
+               error="killed by SIGKILL", cpu=0.25, max_rss=2048)
     story.emit(ev.StepSkipped, step="never", cause="killed")
     story.later(1)
     story.finish(st.FAILED)
@@ -701,15 +701,17 @@ def test_run_status_values() -> None:
     assert status["steps"]["ok"] == {
         "state": "SUCCEEDED", "attempts": 1, "exit_code": 0, "started_at": started,
         "finished_at": ev.format_ts(T0 + 1), "error": None, "depends_on": [],
+        "cpu": None, "max_rss": None,
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
-        "depends_on": ["killed"],
+        "depends_on": ["killed"], "cpu": None, "max_rss": None,
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"
     assert status["steps"]["killed"]["attempts"] == 1
+    assert (status["steps"]["killed"]["cpu"], status["steps"]["killed"]["max_rss"]) == (0.25, 2048)
 
 
 def test_started_at_is_the_first_attempt_and_finished_at_the_last() -> None:

@@ -160,7 +160,7 @@ def seconds(span: str) -> float:
 def test_units_say_what_spec_4_says(user: bool) -> None:
     units = systemd.render_units("/opt/wfd/bin/wfd", user)
     service, sock = settings(units["wfd.service"]), settings(units["wfd.socket"])
-    for key, value in {"Type": "notify", "KillMode": "mixed", "Restart": "on-failure",
+    for key, value in {"Type": "notify", "KillMode": "process", "Restart": "on-failure",
                        "RuntimeDirectory": "wfd", "RuntimeDirectoryPreserve": "yes",
                        "NotifyAccess": "main"}.items():
         assert service[f"Service.{key}"] == [value], key

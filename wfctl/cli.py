@@ -210,7 +210,10 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
       (("--attempt",), {"metavar": "N", "type": _positive,
                         "help": "this attempt (default: the latest)"}),
       (("--follow",), {"action": "store_true", "help": "stream output as it comes"})]),
-    ("shutdown", "stop the daemon as SIGTERM would", []),
+    ("shutdown", "stop the daemon as SIGTERM would (running steps go on)",
+     [(("--stop-steps",), {"action": "store_true",
+                           "help": "stop the running steps first (they run again on the "
+                                   "next start)"})]),
     ("graph", "draw the DAG of a workflow file or of a run (coloured by state)",
      [(("target",), {"metavar": "FILE|RUN"}),
       (("--format",), {"choices": ("mermaid", "dot", "svg"), "default": "svg",
@@ -545,8 +548,10 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     from wfd import protocol
 
     # Starting a daemon only to stop it helps nobody.
-    _connect(args, autostart=False).call(protocol.Shutdown(), protocol.Ok)
-    say("wfd stopping")
+    _connect(args, autostart=False).call(protocol.Shutdown(stop_steps=args.stop_steps),
+                                         protocol.Ok)
+    say("wfd stopping" + (" its steps, then itself" if args.stop_steps else
+                          "; running steps go on"))
     return EXIT_OK
 
 

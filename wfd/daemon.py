@@ -34,7 +34,7 @@ from wfd import systemd as sd
 from wfd.engine import MAX_KILL_GRACE, Engine
 from wfd.errors import EXIT_OK, EXIT_USAGE
 from wfd.eventlog import Layout, UnsafeStateDir, check_state_dir, discard_unacknowledged
-from wfd.procs import LocalExecutor
+from wfd.kept import KeeperUnavailable, KeptExecutor
 from wfd.server import Server
 
 log = logging.getLogger("wfd")
@@ -181,6 +181,7 @@ class Daemon:
         self.state_dir = paths.state_dir(args.state_dir, args.system)
         self.socket_path = paths.daemon_socket(args.socket, args.system)
         self.stop_requested = asyncio.Event()
+        self.stop_steps = False  # a stop leaves running attempts to the keeper
 
     def _prepare_state_dir(self) -> Layout:
         try:
@@ -212,15 +213,21 @@ class Daemon:
                         max_kill_grace=self.args.max_kill_grace,
                         max_steps_per_user=self.args.max_steps_per_user,
                         max_runs_per_user=self.args.max_runs_per_user)
-        executor = LocalExecutor(engine.attempt_ended)
-        engine.executor = executor
         loop = asyncio.get_running_loop()
-        executor.install(loop)
+        executor = KeptExecutor(self.state_dir, engine.attempt_started, engine.attempt_ended)
+        engine.executor = executor
+        try:
+            await executor.connect()
+        except KeeperUnavailable as exc:
+            raise StartupError(str(exc)) from None
+        executor.lost_connection = lambda exc: engine.fail(
+            exc or ConnectionError("the keeper closed its connection"))
         unfinished = engine.load_all()
         committer = engine.start()
+        executor.listen()
         sock, inherited = self._listening_socket()
         server = Server(engine, self.system, self.args.socket_group)
-        server.shutdown_requested = self.stop_requested.set
+        server.shutdown_requested = self._shutdown
         listener = await server.serve(sock)
         self._handle_signals(loop, engine)
         log.info("wfd %s serving %s, state in %s", __version__,
@@ -230,7 +237,7 @@ class Daemon:
         background = [engine.supervise(engine.verify_stubs())]
         if unfinished and not self.args.no_resume:
             log.info("resuming %d unfinished run(s)", len(unfinished))
-            background.append(engine.supervise(engine.adopt(unfinished)))
+            background += engine.start_adoptions(unfinished)
         sd.ready(_with_storage_error(engine, f"{engine.active_runs()} active run(s)"))
         background.append(engine.supervise(self._status_loop(engine, committer)))
         stop = asyncio.create_task(self.stop_requested.wait())
@@ -239,23 +246,33 @@ class Daemon:
             task.cancel()
         if not self.stop_requested.is_set():
             return self._broken(engine, committer, listener, inherited)
-        log.info("stopping: terminating running steps")
         sd.stopping()
         listener.close()
-        self._extend_timeout_for_kills(engine)
-        await engine.stop()
+        if self.stop_steps:
+            log.info("stopping: terminating running steps")
+            self._extend_timeout_for_kills(engine)
+        else:
+            log.info("stopping; %d running step(s) go on under the keeper",
+                     engine.executor.running)
+        await engine.stop(self.stop_steps)
         committer.cancel()
+        executor.close()
         if not inherited:
             self._remove_socket()
         log.info("stopped")
         return EXIT_OK
+
+    def _shutdown(self, stop_steps: bool) -> None:
+        """`wfctl shutdown [--stop-steps]`."""
+        self.stop_steps = stop_steps
+        self.stop_requested.set()
 
     def _handle_signals(self, loop: asyncio.AbstractEventLoop, engine: Engine) -> None:
         """SIGTERM/SIGINT stop (asked again: kill what is dying at once); SIGHUP is
         ignored, said once in the log: wfd has no configuration to reload, and a closed
         terminal must not take the daemon and its steps with it."""
         def stop() -> None:
-            if self.stop_requested.is_set():
+            if self.stop_requested.is_set() and self.stop_steps:
                 log.warning("asked again to stop: killing running steps now (SIGKILL)")
                 engine.force_stop()
             self.stop_requested.set()

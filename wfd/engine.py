@@ -39,7 +39,7 @@ from wfd.committer import Batch, Committer
 from wfd.errors import StorageError, UsageError
 from wfd.eventlog import Layout, Submission
 from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, StartInfo
-from wfd.procs import MARK_ATTEMPT, MARK_RUN, MARK_STEP
+from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
 from wfd.workflow import Workflow, parse_workflow
@@ -158,9 +158,9 @@ class Engine:
         if not task.cancelled() and task.exception() is not None:
             exc = task.exception()
             log.error("a background task failed: %r", exc)
-            self._fail(exc)  # type: ignore[arg-type]
+            self.fail(exc)  # type: ignore[arg-type]
 
-    def _fail(self, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         """The writer or the decide loop is broken: the daemon exits non-zero."""
         if self.fatal is not None and not self.fatal.done():
             self.fatal.set_result(exc)
@@ -338,7 +338,7 @@ class Engine:
             self._set_timer(wake_at)
         except Exception as exc:  # a bug in deciding: nothing may go on from here
             log.exception("the decide loop failed")
-            self._fail(exc)
+            self.fail(exc)
 
     def _perform(self, actions: list[scheduler.Action]) -> bool:
         """Do the actions; True if any recorded an event (so decide again)."""
@@ -416,15 +416,19 @@ class Engine:
         assert run is not None and rec is not None
         ctx = self.ctx[key.run_id]
         step = run.workflow.steps[rec.index]
-        try:
-            log_fd = self.committer.log_fd(key)
-        except OSError as exc:
-            self.attempt_ended(key, None, None, start_error=f"cannot open log: {exc.strerror}")
-            return
+        log_fd = -1
+        if getattr(self.executor, "wants_log_fd", True):
+            try:
+                log_fd = self.committer.log_fd(key)
+            except OSError as exc:
+                self.attempt_ended(key, None, None,
+                                   start_error=f"cannot open log: {exc.strerror}")
+                return
         spec = AttemptSpec(
             key=key, argv=step_argv(step.command), env=step_env(ctx, run.workflow, rec.index, key),
             cwd=step_cwd(ctx.sub, step.cwd), log_fd=log_fd, umask=ctx.sub.umask,
             kill_grace=self._grace(run, rec.index), user=ctx.user,
+            timeout=step.timeout,
         )
         try:
             info = self.executor.start(spec)
@@ -432,7 +436,13 @@ class Engine:
             self.attempt_ended(key, None, None, start_error=str(exc))
             return
         finally:
-            os.close(log_fd)
+            if log_fd >= 0:
+                os.close(log_fd)
+        if info is not None:  # a local executor knows the pid at once
+            self.attempt_started(key, info)
+
+    def attempt_started(self, key: AttemptKey, info: StartInfo) -> None:
+        """The attempt's leader runs: AttemptStarted, once per loop iteration's spawns."""
         self._unrecorded[key] = info
         if len(self._unrecorded) == 1:
             asyncio.get_running_loop().call_soon(self._record_starts)
@@ -445,29 +455,44 @@ class Engine:
         while self._unrecorded:
             key = next(iter(self._unrecorded))  # in the order they were spawned
             info = self.executor.identify(self._unrecorded.pop(key))
+            run = self.runs.get(key.run_id)
+            rec = run.steps[key.step] if run is not None else None
+            if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
+                continue  # it ended (and was recorded) before this came
             self._record(key.run_id, ev.AttemptStarted, {
                 "step": key.step, "attempt": key.attempt, "pid": info.pid,
                 "start_time": info.start_time or 0.0, "boot_id": info.boot_id,
             }, lazily=True)
 
     def attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
-                      start_error: str | None = None) -> None:
-        """Record how an attempt ended (called by the executor once its tree is gone)."""
+                      start_error: str | None = None,
+                      usage: tuple[float, int] | None = None) -> None:
+        """Record how an attempt ended (called by the executor once its tree is gone);
+        an outcome is recorded once: an attempt no longer RUNNING is left as it is."""
         run = self.runs.get(key.run_id)
-        if run is None or run.finished:
-            return
-        rec = run.steps[key.step]
-        if rec.state != st.RUNNING or rec.attempts != key.attempt:
+        rec = run.steps[key.step] if run is not None and not run.finished else None
+        if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
+            self._ack(key)
             return
         if key in self._unrecorded:  # AttemptStarted comes before the attempt's end
             self._record_starts()
         interrupted = "daemon stopped" if kill_reason == "stop" else None
         emit = scheduler.outcome(
-            run, key.step, key.attempt, exit_code, now=self.clock.now(), rand=random.random(),
+            run, key.step, key.attempt, exit_code, now=self.clock.now(), rand=random.random(),  # type: ignore[union-attr]
             timed_out=kill_reason == "timeout", start_error=start_error, interrupted=interrupted,
         )
-        self._record(emit.run_id, emit.kind, emit.fields)
+        fields = dict(emit.fields)
+        if usage is not None and emit.kind in ev.ATTEMPT_ENDS:
+            fields["cpu"], fields["max_rss"] = round(usage[0], 6), usage[1]
+        self._record(emit.run_id, emit.kind, fields)
+        self._ack(key)
         self.kick()
+
+    def _ack(self, key: AttemptKey) -> None:
+        """Once the outcome is durable, the executor may forget its record of it."""
+        ack = getattr(self.executor, "ack", None)
+        if ack is not None:
+            self.after_commit(lambda: ack([key]))
 
     # ---- requests -----------------------------------------------------------------
 
@@ -590,19 +615,24 @@ class Engine:
         await self.flushed()
 
     async def adopt(self, run_ids: list[str]) -> None:
-        """Drive unfinished runs left by a previous daemon: kill what is left of their
-        attempts, record those as interrupted, and go on. One adoption per run: a run
-        already being adopted is waited for, not adopted again."""
+        """Drive unfinished runs left by a previous daemon: deal with what is left of
+        their attempts (re-attach, record, or kill and interrupt), and go on. One adoption
+        per run: a run already being adopted is waited for, not adopted again."""
+        tasks = self.start_adoptions(run_ids)
+        if tasks:
+            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+
+    def start_adoptions(self, run_ids: list[str]) -> list[asyncio.Task]:
+        """Start adopting each run not driven or being adopted yet; each run's task."""
         tasks = []
         for run_id in run_ids:
             task = self._adopting.get(run_id)
             if task is None and run_id not in self.sched and not self.runs[run_id].finished:
-                task = asyncio.create_task(self._adopt(run_id))
+                task = self.supervise(self._adopt(run_id))
                 self._adopting[run_id] = task
             if task is not None:
                 tasks.append(task)
-        if tasks:
-            await asyncio.gather(*(asyncio.shield(t) for t in tasks))
+        return tasks
 
     async def _adopt(self, run_id: str) -> None:
         try:
@@ -613,12 +643,12 @@ class Engine:
                 key = AttemptKey(run_id, step_id, rec.attempts)
                 stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id,
                                           self._grace(run, rec.index), run.owner_uid))
-            await self.executor.clear_stale(stale)
-            for key, *_ in stale:
-                rec = run.steps[key.step]
-                if rec.state == st.RUNNING and rec.attempts == key.attempt:
-                    self._record(run_id, ev.AttemptInterrupted, {
-                        "step": key.step, "attempt": key.attempt, "reason": "daemon restarted"})
+            if hasattr(self.executor, "reattach"):
+                await self._reattach(run, stale)
+            else:
+                await self.executor.clear_stale(stale)
+                for key, *_ in stale:
+                    self._interrupted(run, key, "daemon restarted")
             if run_id in self._cancels and not (run.finished or run.cancelling):
                 # before the run is driven again: no new attempt may start first
                 self._record(run_id, ev.RunCancelRequested, {})
@@ -627,6 +657,41 @@ class Engine:
             self.kick()
         finally:
             del self._adopting[run_id]
+
+    async def _reattach(self, run: st.RunState, stale: list[StaleAttempt]) -> None:
+        """Attempts a previous daemon left RUNNING: those still running under the keeper go
+        on; an ended one's outcome is recorded (once: `attempt_ended` checks); a lost one
+        (no keeper runs it, no record of its end) follows its step's `on_lost`, after
+        whatever is left of its tree is killed."""
+        found = self.executor.reattach(stale)  # type: ignore[attr-defined]
+        for record in found.ended:
+            self.attempt_ended(record.key, record.exit_code, record.kill_reason,
+                               start_error=record.error, usage=(record.cpu, record.max_rss))
+        lost = [entry for entry in stale if entry.key in set(found.lost)]
+        if lost:
+            await self.executor.clear_stale(lost)
+        for entry in lost:
+            self._lost(run, entry)
+
+    def _lost(self, run: st.RunState, entry: StaleAttempt) -> None:
+        rec = run.steps[entry.key.step]
+        if rec.state != st.RUNNING or rec.attempts != entry.key.attempt:
+            return
+        why = ("the machine restarted" if entry.boot_id and entry.boot_id != BOOT_ID
+               else "its keeper is gone")
+        step = run.workflow.steps[rec.index]
+        if getattr(step, "on_lost", "rerun") == "fail":
+            self._record(run.run_id, ev.StepFailed, {
+                "step": entry.key.step, "attempt": entry.key.attempt,
+                "error": f"attempt lost: {why}"})
+        else:
+            self._interrupted(run, entry.key, f"attempt lost: {why}")
+
+    def _interrupted(self, run: st.RunState, key: AttemptKey, reason: str) -> None:
+        rec = run.steps[key.step]
+        if rec.state == st.RUNNING and rec.attempts == key.attempt:
+            self._record(run.run_id, ev.AttemptInterrupted, {
+                "step": key.step, "attempt": key.attempt, "reason": reason})
 
     def adopting(self) -> int:
         return len(self._adopting)
@@ -655,16 +720,19 @@ class Engine:
                              state=status.state, created_at=summary.created_at,
                              finished_at=status.finished_at)
 
-    async def stop(self) -> None:
-        """Kill every running tree, record the attempts as interrupted, flush.
+    async def stop(self, stop_steps: bool = True) -> None:
+        """Stop: with `stop_steps` (or an executor whose attempts die with the daemon)
+        kill every running tree and record the attempts as interrupted; else leave them
+        running under the keeper, for the next daemon. Then flush.
 
         If events cannot be persisted, give up on them after STOP_FLUSH_WAIT: the next
-        start folds the log as it is, finds those attempts RUNNING and interrupts them
+        start folds the log as it is, finds those attempts RUNNING and deals with them
         itself, so nothing is lost but the wait."""
         self.stopping = True
         for task in list(self._adopting.values()):
             task.cancel()
-        await self.executor.stop_all("stop")
+        if stop_steps or not hasattr(self.executor, "reattach"):
+            await self.executor.stop_all("stop")
         for _ in range(3):  # claims whose spawn was still pending end in the next commit
             flushed = asyncio.ensure_future(self.flushed())
             while not flushed.done():

@@ -63,14 +63,23 @@ class AttemptStarted(Event, tag=True, kw_only=True):
     boot_id: str
 
 
-class AttemptSucceeded(Event, tag=True, kw_only=True):
+class AttemptEnd(Event, kw_only=True):
+    """Fields every event that ends an attempt may carry (none before format 1's
+    accounting: defaults keep old logs readable): CPU seconds (user + system) and peak
+    RSS in KiB of the attempt's leader and what it waited for, from wait4's rusage."""
+
+    cpu: float | None = None
+    max_rss: int | None = None
+
+
+class AttemptSucceeded(AttemptEnd, tag=True, kw_only=True):
     """RUNNING -> SUCCEEDED: the leader exited 0 and its whole tree is gone."""
 
     step: str
     attempt: int
 
 
-class AttemptFailed(Event, tag=True, kw_only=True):
+class AttemptFailed(AttemptEnd, tag=True, kw_only=True):
     """RUNNING -> RETRY_WAIT: the attempt failed and a retry is due at `retry_at`."""
 
     step: str
@@ -80,7 +89,7 @@ class AttemptFailed(Event, tag=True, kw_only=True):
     retry_at: str
 
 
-class StepFailed(Event, tag=True, kw_only=True):
+class StepFailed(AttemptEnd, tag=True, kw_only=True):
     """RUNNING -> FAILED: the attempt failed and no retry remains."""
 
     step: str
@@ -89,7 +98,7 @@ class StepFailed(Event, tag=True, kw_only=True):
     error: str | None = None
 
 
-class AttemptInterrupted(Event, tag=True, kw_only=True):
+class AttemptInterrupted(AttemptEnd, tag=True, kw_only=True):
     """RUNNING -> READY: a daemon stop or crash ended the attempt; no retry is used up."""
 
     step: str
@@ -114,7 +123,7 @@ class RunCancelRequested(Event, tag=True, kw_only=True):
     """Cancel asked: no new attempt starts; running trees are killed."""
 
 
-class StepCancelled(Event, tag=True, kw_only=True):
+class StepCancelled(AttemptEnd, tag=True, kw_only=True):
     """Any non-terminal state -> CANCELLED; `attempt` set when a running attempt was killed."""
 
     step: str
@@ -151,6 +160,7 @@ AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
 ]
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]
+ATTEMPT_ENDS = (AttemptSucceeded, AttemptFailed, StepFailed, AttemptInterrupted, StepCancelled)
 
 # Built once: typed decoders are the fast path of recovery and replay.
 json_decoder = msgspec.json.Decoder(AnyEvent)

@@ -52,10 +52,11 @@ class AttemptSpec:
     argv: list[str]
     env: dict[str, str]
     cwd: str
-    log_fd: int
+    log_fd: int  # -1 for executors that open the attempt's log themselves
     umask: int
     kill_grace: float
     user: UserIds | None = None
+    timeout: float | None = None  # for executors that enforce it themselves
 
 
 class StartInfo(NamedTuple):

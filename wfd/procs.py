@@ -298,6 +298,7 @@ class _Attempt:
     grace: float
     uid: int  # the real uid a process must have to be taken for one of its
     status: int | None = None  # the leader's wait status, once reaped
+    usage: tuple[float, int] | None = None  # its CPU seconds and peak RSS (KiB), once reaped
     reaped: bool = False
     kill_reason: str | None = None
     dying: bool = False
@@ -415,7 +416,7 @@ class LocalExecutor:
             self._claim(exited)
             for attempt in exited:
                 del self.by_pid[attempt.pid]
-                attempt.status = _reap_pid(attempt.pid)
+                attempt.status, attempt.usage = _reap_with_usage(attempt.pid)
                 attempt.reaped = True
                 self._exited.append(attempt)
             self._schedule_settle()
@@ -453,7 +454,7 @@ class LocalExecutor:
             if error is not None and attempt.kill_reason is None:
                 self.on_end(attempt.key, None, None, start_error=error)
             else:
-                self.on_end(attempt.key, code, attempt.kill_reason)
+                self.on_end(attempt.key, code, attempt.kill_reason, usage=attempt.usage)
         except Exception:  # one attempt's bookkeeping must not stop the others' kills
             log.exception("%s: recording the end failed", _name(attempt.key))
 
@@ -668,11 +669,19 @@ def _has_exited(pid: int) -> bool:
 
 def _reap_pid(pid: int) -> int | None:
     """Reap the exited child `pid`; its wait status (None if it was not ours to reap)."""
+    return _reap_with_usage(pid)[0]
+
+
+def _reap_with_usage(pid: int) -> tuple[int | None, tuple[float, int] | None]:
+    """Reap the exited child `pid`: its wait status and (CPU seconds, peak RSS KiB) of it
+    and the children it waited for, from wait4's rusage; (None, None) if not ours."""
     try:
-        reaped, status = os.waitpid(pid, os.WNOHANG)
+        reaped, status, usage = os.wait4(pid, os.WNOHANG)
     except ChildProcessError:
-        return None
-    return status if reaped == pid else None
+        return None, None
+    if reaped != pid:
+        return None, None
+    return status, (usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
 
 
 def _uid_of(proc: psutil.Process) -> int | None:

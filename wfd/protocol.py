@@ -135,7 +135,10 @@ class Logs(Message):
 
 
 class Shutdown(Message):
-    """Stop the daemon as SIGTERM would; answered with `Ok` before it stops."""
+    """Stop the daemon as SIGTERM would (running attempts go on under the keeper; with
+    `stop_steps`, they are stopped first); answered with `Ok` before it stops."""
+
+    stop_steps: bool = False
 
 
 Request = Union[  # noqa: UP007

@@ -91,7 +91,7 @@ class Server:
         self.max_connections = connection_limit()
         self.per_uid: collections.Counter[int] = collections.Counter()
         self.connections: set[asyncio.Task] = set()
-        self.shutdown_requested: Callable[[], None] = lambda: None
+        self.shutdown_requested: Callable[[bool], None] = lambda stop_steps: None
         self.handlers: dict[type, Callable[[Peer, object, Channel], Awaitable[None]]] = {
             p.Hello: self.hello, p.Submit: self.submit, p.Status: self.status,
             p.Cancel: self.cancel, p.Replay: self.replay, p.Resume: self.resume,
@@ -383,7 +383,7 @@ class Server:
             # A group member must not stop the daemon that serves everyone.
             raise Refused(f"only root may stop the system daemon ({user_name(peer.uid)} asked)")
         await send(p.Ok())
-        self.shutdown_requested()
+        self.shutdown_requested(req.stop_steps)
 
 
 def _over(run: st.RunState, rec: st.StepRec) -> bool:

@@ -84,6 +84,9 @@ class StepStatus(msgspec.Struct):
     error: str | None
     # The step's `depends_on`, so that other tools can draw the DAG (issue 16).
     depends_on: list[str] = []
+    # CPU seconds (user + system) of all its attempts, and the largest peak RSS (KiB).
+    cpu: float | None = None
+    max_rss: int | None = None
 
 
 class RunStatus(msgspec.Struct):
@@ -116,7 +119,7 @@ class StepRec:
     __slots__ = (
         "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
-        "attempt_ts", "retry_at_epoch", "deadline",
+        "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss",
     )
 
     def __init__(self, step_id: str, index: int, waiting: int) -> None:
@@ -137,6 +140,8 @@ class StepRec:
         self.attempt_ts: str | None = None  # when the current attempt was claimed
         self.retry_at_epoch = 0.0  # retry_at as epoch seconds, for the scheduler
         self.deadline: float | None = None  # when the running attempt times out
+        self.cpu: float | None = None  # CPU seconds of its attempts, where recorded
+        self.max_rss: int | None = None  # KiB
 
 
 class RunState:
@@ -280,6 +285,9 @@ def _step_event(run: RunState, event: ev.Event) -> None:
     elif kind is ev.StepReady and rec.waiting:
         raise _illegal(run, event, f"for step {rec.id!r} with dependencies not SUCCEEDED")
     _STEP_EFFECTS[kind](run, rec, event)
+    if isinstance(event, ev.AttemptEnd) and event.cpu is not None:
+        rec.cpu = (rec.cpu or 0.0) + event.cpu
+        rec.max_rss = max(rec.max_rss or 0, event.max_rss or 0)
     _move(run, rec, new)
     if new in TERMINAL:
         rec.finished_at = event.ts
@@ -460,7 +468,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
     return StepStatus(
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
-        depends_on=depends_on or [],
+        depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
     )
 
 

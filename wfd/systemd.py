@@ -294,15 +294,16 @@ Type=notify
 # Only the daemon itself may send READY=1, STATUS=, WATCHDOG=1: not its steps.
 NotifyAccess=main
 ExecStart=@EXEC@
-# SIGTERM goes to the daemon only: it stops the step trees itself (SIGTERM,
-# kill_grace, SIGKILL), records them as interrupted and exits 0; then systemd
-# SIGKILLs whatever is still left in the cgroup.
-KillMode=mixed
-# More than the default kill_grace (5 s) plus a margin. A workflow with a longer
-# kill_grace is still covered: while it waits, the daemon sends EXTEND_TIMEOUT_USEC=.
+# Steps outlive the daemon: they run under wfd's keeper, a process of its own in
+# this cgroup. A stop or restart signals the daemon only and leaves the keeper and
+# the running steps alone (as containerd.service does with its shims); the next
+# daemon re-attaches to them. `wfctl shutdown --stop-steps` stops the steps too.
+KillMode=process
+# The daemon stops in well under a second; a `--stop-steps` stop waits out the
+# steps' kill_grace (EXTEND_TIMEOUT_USEC= while it does).
 TimeoutStopSec=90s
-# Startup folds every run's log and kills leftover step trees before READY=1; the
-# daemon sends EXTEND_TIMEOUT_USEC= when that takes long.
+# READY=1 comes once the logs are folded and the socket serves; re-attaching and
+# clearing what a lost attempt left go on in the background.
 TimeoutStartSec=90s
 # Restart after a crash, a watchdog abort or a kill -9; the new daemon resumes
 # every unfinished run. A clean stop (SIGTERM, exit 0) is not restarted.
