@@ -1,18 +1,21 @@
-"""Simulated reboot (issue 4, test 3).
+"""Simulated reboot (issue 4, test 3; issue 12: only a reboot interrupts an attempt).
 
-A reboot takes the daemon and every step process down at once. Here: SIGKILL
-the daemon, then SIGKILL every process proven to be a step of our runs (by
-its `WFD_RUN_ID` mark), then start a new daemon on the same state dir. It must
-resume every unfinished run; a RUNNING step reruns as a new attempt without
-using up a retry (a `retries: 0` step still succeeds); a SUCCEEDED step never
-reruns; a RETRY_WAIT step keeps the retry time recorded in its log and is not
-retried before it.
+A reboot takes the daemon, the keeper and every step process down at once.
+Here: SIGKILL the daemon and the keeper, then SIGKILL every process proven to
+be a step of our runs (by its `WFD_RUN_ID` mark), then start a new daemon on
+the same state dir. It must resume every unfinished run; a RUNNING step's
+attempt is lost and reruns as a new attempt without using up a retry (a
+`retries: 0` step still succeeds); a SUCCEEDED step never reruns; a
+RETRY_WAIT step keeps the retry time recorded in its log and is not retried
+before it.
 
-Also how the old processes are found: the recorded pid with the same start
-time and boot id is killed even when it carries no marks, and left alone when
-the log gives another boot or start time; after a crash before the pid was
-recorded (the log has the claim only), the marks alone find the old process
-before the next attempt runs.
+Also how the old processes of a lost attempt are found when they outlived
+their keeper (the keeper SIGKILLed, its steps not): the recorded pid with the
+same start time and boot id is killed even when it carries no marks, and left
+alone when the log gives another boot or start time; after a crash before the
+pid was recorded (the log has the claim only), the marks alone find the old
+process before the next attempt runs. A crash of the daemon alone (its keeper
+alive) loses nothing: the same attempt goes on.
 """
 
 from __future__ import annotations
@@ -123,8 +126,9 @@ def test_reboot_resumes_runs_reruns_running_keeps_succeeded_and_retry_time(
     assert len(failed) == 1 and failed[0]["step"] == "retry"
     retry_at = failed[0]["retry_at"]
 
-    # The reboot: the daemon and every step process die at once.
+    # The reboot: the daemon, the keeper and every step process die at once.
     d.kill()
+    d.kill_keeper()
     victims = marked({run_a, run_b})
     assert len(victims) >= 2, victims  # both hanging leaders were still running
     for proc in victims:
@@ -143,13 +147,15 @@ def test_reboot_resumes_runs_reruns_running_keeps_succeeded_and_retry_time(
     for sid in ("done", "after_done"):
         assert a["steps"][sid]["attempts"] == 1
         assert [n for n, _ in starts(wfd_tmp, run_a, sid)] == [1]
-    # RUNNING steps reran as a new attempt; with retries 0 the interruption used no retry.
+    # RUNNING steps' attempts were lost and reran as a new attempt; with retries 0 the
+    # interruption used no retry.
     for run_id, status in ((run_a, a), (run_b, b)):
         assert status["steps"]["hang"]["attempts"] == 2
         assert [n for n, _ in starts(wfd_tmp, run_id, "hang")] == [1, 2]
         log = events(d, run_id)
         interrupted = [e for e in log if e["type"] == "AttemptInterrupted"]
         assert [(e["step"], e["attempt"]) for e in interrupted] == [("hang", 1)]
+        assert interrupted[0]["reason"].startswith("attempt lost: "), interrupted
         assert not [e for e in log if e["type"] in ("AttemptFailed", "StepFailed")
                     and e["step"] == "hang"]
     # The RETRY_WAIT step kept its recorded time and was not retried before it.
@@ -196,11 +202,13 @@ def unmarked_leader_run(d: Daemon, root: Path) -> tuple[str, psutil.Process]:
     return run_id, proc
 
 
-def test_recorded_leader_without_marks_is_killed_after_a_crash(daemon, wfd_tmp: Path) -> None:
+def test_recorded_leader_without_marks_is_killed_after_its_keeper_died(
+        daemon, wfd_tmp: Path) -> None:
     d = daemon()
     run_id, proc = unmarked_leader_run(d, wfd_tmp)
     d.kill()
-    assert proc.is_running()
+    d.kill_keeper()  # its attempt is lost; the leader outlives it
+    assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
     d.start()
     wait_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE,
                timeout=10, message="the recorded leader to be killed")
@@ -216,6 +224,7 @@ def test_recorded_pid_of_another_process_is_left_alone(daemon, wfd_tmp: Path,
     d = daemon()
     run_id, proc = unmarked_leader_run(d, wfd_tmp)
     d.kill()
+    d.kill_keeper()  # its attempt is lost; the leader outlives it
     # Here the stranger is the same process (without any mark); the log says otherwise.
     change = {"boot_id": lambda _: "00000000-dead-beef", "start_time": lambda t: t - 10.0}
     rewrite_started(d.state_dir / "runs" / run_id / "events.jsonl", field, change[field])
@@ -237,13 +246,17 @@ except BlockingIOError:
     print("OVERLAP: the previous attempt still runs", flush=True)
     sys.exit(1)
 if os.environ["WFD_ATTEMPT"] == "1":
-    time.sleep(1000)
+    while not os.path.exists(sys.argv[1] + ".go"):
+        time.sleep(0.02)
 """
 
 
-def test_crash_before_the_pid_was_recorded(daemon, wfd_tmp: Path) -> None:
+@pytest.mark.parametrize("keeper", ["killed", "alive"])
+def test_crash_before_the_pid_was_recorded(daemon, wfd_tmp: Path, keeper: str) -> None:
     """A crash after the spawn but before `AttemptStarted` was durable: the log has the
-    claim only, and the marks alone must find the old process before attempt 2 runs."""
+    claim only. With the keeper killed too, the attempt is lost and the marks alone must
+    find the old process before attempt 2 runs; with the keeper alive, the same attempt
+    goes on and its end is recorded, with no second attempt."""
     (wfd_tmp / "locked.py").write_text(LOCKED_PY)
     wf = write_workflow(wfd_tmp, {"name": "locked", "steps": [{
         "id": "locked", "command": [sys.executable, "-I", "-S", str(wfd_tmp / "locked.py"),
@@ -253,13 +266,21 @@ def test_crash_before_the_pid_was_recorded(daemon, wfd_tmp: Path) -> None:
     path = d.state_dir / "runs" / run_id / "events.jsonl"
     wait_until(lambda: b'"AttemptStarted"' in path.read_bytes(), timeout=10)
     d.kill()
+    if keeper == "killed":
+        d.kill_keeper()
     old = marked({run_id})
     assert len(old) == 1
     lines = path.read_bytes().splitlines(keepends=True)
     assert b'"AttemptStarted"' in lines[-1]
     path.write_bytes(b"".join(lines[:-1]))  # as if the crash came just before it
     d.start()
+    if keeper == "alive":
+        assert run_json(d, run_id)["steps"]["locked"]["state"] == "RUNNING"
+        (wfd_tmp / "lock.go").touch()
     status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", timeout=15)
     assert status["state"] == "SUCCEEDED", (status, d.wfctl("logs", run_id, "locked").stdout)
-    assert status["steps"]["locked"]["attempts"] == 2
+    assert status["steps"]["locked"]["attempts"] == (2 if keeper == "killed" else 1)
     assert not [p for p in old if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    ends = [e for e in events(d, run_id) if e["type"] in ("AttemptSucceeded", "AttemptFailed",
+                                                          "AttemptInterrupted")]
+    assert [e["attempt"] for e in ends] == ([1, 2] if keeper == "killed" else [1])
