@@ -1218,3 +1218,21 @@ def test_random_graphs_match_brute_force_component_count() -> None:
             parse(doc)
         else:
             assert len(problems(doc)) == expected
+
+
+def test_on_lost_defaults_to_rerun_and_merges_like_every_shared_field() -> None:
+    wf = parse({"defaults": {"on_lost": "fail"}, "steps": [
+        {"id": "a", "command": "true"},
+        {"id": "b", "command": "true", "on_lost": "rerun"},
+    ]})
+    assert [s.on_lost for s in wf.steps] == ["fail", "rerun"]
+    assert parse({"steps": [{"id": "a", "command": "true"}]}).steps[0].on_lost == "rerun"
+
+
+def test_on_lost_takes_only_rerun_or_fail() -> None:
+    assert problems({"defaults": {"on_lost": 1}, "steps": [
+        {"id": "a", "command": "true", "on_lost": "again"},
+    ]}) == [
+        '$.defaults.on_lost: expected "rerun" or "fail", got 1',
+        '$.steps[0].on_lost: expected "rerun" or "fail", got "again"',
+    ]

@@ -680,7 +680,7 @@ class Engine:
         why = ("the machine restarted" if entry.boot_id and entry.boot_id != BOOT_ID
                else "its keeper is gone")
         step = run.workflow.steps[rec.index]
-        if getattr(step, "on_lost", "rerun") == "fail":
+        if step.on_lost == "fail":
             self._record(run.run_id, ev.StepFailed, {
                 "step": entry.key.step, "attempt": entry.key.attempt,
                 "error": f"attempt lost: {why}"})

@@ -146,6 +146,8 @@ class Step(_Model, frozen=True, gc=False):
     backoff: Backoff = _DEFAULT_BACKOFF
     timeout: float | None = None
     kill_grace: float = 5.0
+    # An attempt lost with its keeper (a reboot): run it again, or fail the step.
+    on_lost: str = "rerun"
     env: dict[str, str] = {}  # defaults.env merged under the step's own env
     cwd: str | None = None  # as written; None is the workflow's directory
 
@@ -508,6 +510,15 @@ def _check_kill_grace(v: object) -> float:
     return _seconds(v, 0, strict=False)
 
 
+ON_LOST = ("rerun", "fail")
+
+
+def _check_on_lost(v: object) -> str:
+    if v in ON_LOST and type(v) is str:
+        return v  # type: ignore[return-value]
+    raise _bad('expected "rerun" or "fail"', v)
+
+
 def _check_initial(v: object) -> float:
     return _seconds(v, 0, strict=True)
 
@@ -658,6 +669,7 @@ _SHARED_CHECKS: dict[str, Callable[[object], object]] = {
     "backoff": _check_backoff,
     "timeout": _check_timeout,
     "kill_grace": _check_kill_grace,
+    "on_lost": _check_on_lost,
     "cwd": _check_cwd,
     "env": _check_env,
 }
@@ -873,6 +885,7 @@ class _Merger:
         self.backoff = Backoff(**self.dbackoff)
         self.timeout = defaults.get("timeout")
         self.kill_grace = defaults.get("kill_grace", 5.0)
+        self.on_lost = defaults.get("on_lost", "rerun")
         self.cwd = defaults.get("cwd")
         self.env: dict[str, str] = defaults.get("env", {})  # type: ignore[assignment]
 
@@ -881,6 +894,7 @@ class _Merger:
         out = []
         bare = {"id", "command", "depends_on"}
         backoff, timeout, kill_grace = self.backoff, self.timeout, self.kill_grace
+        on_lost = self.on_lost
         retries, cwd, env = self.retries, self.cwd, self.env
         for raw in raws:
             if raw.keys() <= bare:  # nothing to merge: the common case, kept fast
@@ -894,6 +908,7 @@ class _Merger:
                         backoff=backoff,
                         timeout=timeout,  # type: ignore[arg-type]
                         kill_grace=kill_grace,  # type: ignore[arg-type]
+                        on_lost=on_lost,  # type: ignore[arg-type]
                         env=dict(env),  # no two steps share a mutable dict
                         cwd=cwd,  # type: ignore[arg-type]
                     )
@@ -917,6 +932,7 @@ class _Merger:
             backoff=backoff,
             timeout=None if timeout is None else float(timeout),  # type: ignore[arg-type]
             kill_grace=float(get("kill_grace", self.kill_grace)),  # type: ignore[arg-type]
+            on_lost=get("on_lost", self.on_lost),  # type: ignore[arg-type]
             env={**self.env, **get("env", {})},  # type: ignore[dict-item]
             cwd=get("cwd", self.cwd),  # type: ignore[arg-type]
         )
