@@ -9,11 +9,14 @@ exiting. It writes their pids to a file and then either waits (the leader
 keeps running) or exits 0 (the leader leaves them behind).
 
 Every kill path must leave none of them: the end of the attempt (the leader
-exits), cancel, timeout, daemon SIGTERM, and daemon SIGKILL + restart. And on
-every path these survive: a process the test started with no marks, one
-with another run's marks (same step and attempt), one with this run's id but
-an empty attempt mark, and (where the other run is not itself stopped) the
-step of another run of the same daemon with the same step id.
+exits), cancel, timeout, `wfctl shutdown --stop-steps`, SIGTERM to the keeper,
+and the loss of the keeper (SIGKILL, as a reboot would) + daemon restart; and
+a cancel after a daemon SIGKILL + restart, which left the whole tree running
+(issue 12: steps outlive the daemon). And on every path these survive: a
+process the test started with no marks, one with another run's marks (same
+step and attempt), one with this run's id but an empty attempt mark, and
+(where the other run is not itself stopped) the step of another run of the
+same daemon with the same step id.
 """
 
 from __future__ import annotations
@@ -257,34 +260,66 @@ def test_descendants_die_with_the_attempt(daemon, wfd_tmp: Path, strangers, path
     assert_all_gone(other_tree, "after cancelling the other run", other_out, other_id)
 
 
-def test_descendants_die_on_daemon_sigterm(daemon, wfd_tmp: Path, strangers) -> None:
+@pytest.mark.parametrize("how", ["shutdown --stop-steps", "keeper SIGTERM"])
+def test_descendants_die_when_the_steps_are_stopped(daemon, wfd_tmp: Path, strangers,
+                                                    how: str) -> None:
     d = daemon()
     wf, out = tree_workflow(wfd_tmp, "main", "stay")
     run_id = d.submit(wf)
     s = strangers(run_id)
     procs = tree(out, run_id)
-    assert d.stop() == 0
-    assert_all_gone(procs, "after the daemon stopped on SIGTERM", out, run_id)
-    s.assert_alive("by daemon SIGTERM")
-    d.start()  # the interrupted attempt runs again, and succeeds
+    if how == "shutdown --stop-steps":
+        done = d.wfctl("shutdown", "--stop-steps")
+        assert done.returncode == 0, done.stderr
+        assert d.proc.wait(60) == 0
+    else:
+        assert d.stop(keep_steps=True) == 0  # the daemon's SIGTERM leaves the steps running
+        left = [what for what, proc in procs.items() if gone(proc)]
+        assert not left, f"the daemon's SIGTERM killed {left}"
+        d.stop_keeper()
+    assert_all_gone(procs, f"after {how}", out, run_id)
+    s.assert_alive(f"by {how}")
+    d.start()  # the stopped attempt runs again, and succeeds
     status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", "CANCELLED", timeout=15)
     assert status["state"] == "SUCCEEDED" and status["steps"]["work"]["attempts"] == 2, status
     check_at_attempt_2(out)
     s.assert_alive("after the restart")
 
 
-def test_descendants_die_after_daemon_sigkill_and_restart(daemon, wfd_tmp: Path,
-                                                          strangers) -> None:
+def test_a_daemon_crash_leaves_the_tree_and_cancel_still_kills_it(daemon, wfd_tmp: Path,
+                                                                  strangers) -> None:
     d = daemon()
     wf, out = tree_workflow(wfd_tmp, "main", "stay")
     run_id = d.submit(wf)
     s = strangers(run_id)
     procs = tree(out, run_id)
     d.kill()
-    assert not [w for w, p in procs.items() if gone(p)], "a crash must not kill the steps"
+    d.start()
+    left = [what for what, proc in procs.items() if gone(proc)]
+    assert not left, f"a crash of wfd killed {left}"
+    assert run_json(d, run_id)["steps"]["work"]["attempts"] == 1
+    done = d.wfctl("cancel", run_id)  # through the keeper, which re-attached
+    assert done.returncode == 0, done.stderr
+    status = run_json(d, run_id)
+    assert status["state"] == "CANCELLED" and status["steps"]["work"]["attempts"] == 1, status
+    assert_all_gone(procs, "after a cancel that followed a daemon crash", out, run_id)
+    s.assert_alive("by the cancel after a crash")
+
+
+def test_descendants_die_after_the_keeper_dies_and_the_daemon_restarts(
+        daemon, wfd_tmp: Path, strangers) -> None:
+    d = daemon()
+    wf, out = tree_workflow(wfd_tmp, "main", "stay")
+    run_id = d.submit(wf)
+    s = strangers(run_id)
+    procs = tree(out, run_id)
+    d.kill()
+    d.kill_keeper()  # as a reboot would, but the step processes live on
+    left = [what for what, proc in procs.items() if gone(proc)]
+    assert not left, f"gone with the keeper: {left}"
     d.start()
     status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", "CANCELLED", timeout=15)
     assert status["state"] == "SUCCEEDED" and status["steps"]["work"]["attempts"] == 2, status
-    assert_all_gone(procs, "after the daemon was killed and restarted", out, run_id)
+    assert_all_gone(procs, "after the keeper was killed and the daemon restarted", out, run_id)
     check_at_attempt_2(out)
     s.assert_alive("by the restarted daemon")
