@@ -13,6 +13,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from helpers import (
     Daemon,
     base_env,
@@ -110,20 +111,69 @@ def test_socket_is_private(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None
 # ---- stopping and restarting ---------------------------------------------------------------
 
 
-def test_sigterm_kills_trees_and_the_step_reruns_without_using_a_retry(
+def interrupted_once(d: Daemon, run_id: str, reason: str) -> list[dict]:
+    """The run's log, which must hold one AttemptInterrupted, of `tree` attempt 1, for
+    `reason` (or a reason starting with it) before attempt 2 was claimed."""
+    events = replay_events(d, run_id)
+    [interrupted] = [e for e in events if e["type"] == "AttemptInterrupted"]
+    assert (interrupted["step"], interrupted["attempt"]) == ("tree", 1), interrupted
+    assert interrupted["reason"].startswith(reason), interrupted
+    [claim2] = [e for e in events if e["type"] == "AttemptClaimed" and e["attempt"] == 2]
+    assert interrupted["seq"] < claim2["seq"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    return events
+
+
+def cancel_the_same_attempt(d: Daemon, run_id: str, pids: list[int], wfd_tmp: Path) -> None:
+    """The next daemon re-attached `tree` attempt 1, whose tree still runs: a cancel kills
+    it, and no other attempt ever ran."""
+    status = run_json(d, run_id)
+    assert status["steps"]["tree"]["state"] == "RUNNING", status
+    assert status["steps"]["tree"]["attempts"] == 1, status
+    assert [p for p in pids if pid_gone(p)] == []
+    done = d.wfctl("cancel", run_id)
+    assert done.returncode == 0, done.stderr
+    assert [p for p in pids if not pid_gone(p)] == []
+    assert run_json(d, run_id)["state"] == "CANCELLED"
+    assert (wfd_tmp / "tries").read_text().split() == ["1"]
+
+
+def test_sigterm_leaves_steps_running_and_the_next_daemon_re_attaches(
     daemon: Callable[..., Daemon], wfd_tmp: Path,
 ) -> None:
     wf, pids_file, counter = tree_workflow(wfd_tmp)
     d = daemon()
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
-    assert d.stop() == 0
+    assert d.stop(keep_steps=True) == 0
+    assert [p for p in pids if pid_gone(p)] == []  # the steps go on under the keeper
+    assert not d.socket.exists()
+    events = [json.loads(line) for line in
+              (d.state_dir / "runs" / run_id / "events.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e["type"] == "AttemptInterrupted"]
+    assert "stopping" in d.log_text()
+    d.start()
+    cancel_the_same_attempt(d, run_id, pids, wfd_tmp)
+    assert counter.read_text() == "x\n"  # SUCCEEDED steps are not rerun
+
+
+def test_shutdown_stop_steps_kills_trees_and_the_step_reruns_without_using_a_retry(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    wf, pids_file, counter = tree_workflow(wfd_tmp)
+    d = daemon()
+    run_id = d.submit(wf)
+    pids = pids_in(pids_file, TREE_PIDS)
+    done = d.wfctl("shutdown", "--stop-steps")
+    assert done.returncode == 0, done.stderr
+    assert d.proc.wait(30) == 0
     assert [p for p in pids if not pid_gone(p)] == []  # gone by the time the daemon exited
     assert not d.socket.exists()
     events = [json.loads(line) for line in
               (d.state_dir / "runs" / run_id / "events.jsonl").read_text().splitlines()]
     [interrupted] = [e for e in events if e["type"] == "AttemptInterrupted"]
     assert interrupted["step"] == "tree" and interrupted["attempt"] == 1
+    assert interrupted["reason"] == "daemon stopped"
     assert events[-1]["type"] == "AttemptInterrupted"  # the run is not finished
     assert "stopping" in d.log_text()
 
@@ -143,18 +193,28 @@ def test_sigint_stops_like_sigterm(daemon: Callable[..., Daemon], wfd_tmp: Path)
     pids = pids_in(pids_file, TREE_PIDS)
     d.proc.send_signal(signal.SIGINT)
     assert d.proc.wait(30) == 0
-    assert [p for p in pids if not pid_gone(p)] == []
+    assert [p for p in pids if pid_gone(p)] == []
     d.start()
-    assert wait_for_state(d, run_id, *ENDED)["state"] == "SUCCEEDED"
+    cancel_the_same_attempt(d, run_id, pids, wfd_tmp)
 
 
-def test_restart_after_a_crash_resumes_the_run(daemon: Callable[..., Daemon],
-                                               wfd_tmp: Path) -> None:
+def test_restart_after_a_crash_goes_on_and_after_a_reboot_resumes_the_run(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
     wf, pids_file, counter = tree_workflow(wfd_tmp)
     d = daemon()
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
-    d.kill()  # SIGKILL: the step's tree outlives the daemon
+    d.kill()  # SIGKILL: the step's tree goes on under the keeper
+    assert [p for p in pids if pid_gone(p)] == []
+    d.start()
+    status = run_json(d, run_id)
+    assert status["steps"]["tree"]["state"] == "RUNNING", status
+    assert status["steps"]["tree"]["attempts"] == 1, status
+    assert [p for p in pids if pid_gone(p)] == []
+
+    d.kill()
+    d.kill_keeper()  # as a reboot would; the tree is left behind
     assert [p for p in pids if pid_gone(p)] == []
     d.start()
     final = wait_for_state(d, run_id, *ENDED)
@@ -163,21 +223,21 @@ def test_restart_after_a_crash_resumes_the_run(daemon: Callable[..., Daemon],
     assert final["state"] == "SUCCEEDED"
     assert final["steps"]["tree"]["attempts"] == 2
     assert counter.read_text() == "x\n"
-    events = replay_events(d, run_id)
-    [interrupted] = [e for e in events if e["type"] == "AttemptInterrupted"]
-    [claim2] = [e for e in events if e["type"] == "AttemptClaimed" and e["attempt"] == 2]
-    assert interrupted["seq"] < claim2["seq"]
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert (wfd_tmp / "tries").read_text().split() == ["1", "2"]
+    interrupted_once(d, run_id, "attempt lost: ")
 
 
+@pytest.mark.parametrize("crash", ["daemon", "daemon and keeper"])
 def test_cancel_after_a_crash_and_no_resume_kills_the_old_tree(
-    daemon: Callable[..., Daemon], wfd_tmp: Path,
+    daemon: Callable[..., Daemon], wfd_tmp: Path, crash: str,
 ) -> None:
     wf, pids_file, _ = tree_workflow(wfd_tmp)
     d = daemon()
     run_id = d.submit(wf)
     pids = pids_in(pids_file, TREE_PIDS)
     d.kill()
+    if crash == "daemon and keeper":
+        d.kill_keeper()
     d.extra.append("--no-resume")
     d.start()
     assert run_json(d, run_id)["state"] == "RUNNING"
@@ -218,12 +278,13 @@ def test_waiting_client_rides_out_a_restart(daemon: Callable[..., Daemon],
     waiter = d.popen("run", str(wf), "--wait")
     run_id = waiter.stdout.readline().strip()
     wait_until(lambda: run_json(d, run_id)["steps"]["s"]["state"] == "RUNNING", 15)
-    d.restart()
+    d.stop(keep_steps=True)
+    d.start()
     gate.touch()
     out, err = waiter.communicate(timeout=60)
     assert waiter.returncode == 0, err
     assert out == ""
-    assert run_json(d, run_id)["steps"]["s"]["attempts"] == 2
+    assert run_json(d, run_id)["steps"]["s"]["attempts"] == 1  # the same attempt went on
 
 
 def test_shutdown_command(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
@@ -239,13 +300,15 @@ def test_shutdown_command(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
     done = d.wfctl("shutdown")
     assert done.returncode == 0, done.stderr
     assert d.proc.wait(30) == 0
-    assert pid_gone(pid)
+    assert not pid_gone(pid)  # the step goes on under the keeper
     assert not d.socket.exists()
     after = d.wfctl("status")
     assert after.returncode == 3 and len(after.stderr.splitlines()) == 1
-    gate.touch()
+    gate.touch()  # it ends while no daemon runs
+    wait_until(lambda: pid_gone(pid), 10, message="the step to end")
     d.start()
-    assert wait_for_state(d, run_id, *ENDED)["state"] == "SUCCEEDED"
+    final = wait_for_state(d, run_id, *ENDED)
+    assert final["state"] == "SUCCEEDED" and final["steps"]["s"]["attempts"] == 1, final
 
 
 def test_versions(sandbox) -> None:
