@@ -658,7 +658,7 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",
-                                                    "depends_on", "cpu", "max_rss"]
+                                                    "depends_on", "cpu", "max_rss", "containment"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 

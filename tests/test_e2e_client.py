@@ -17,7 +17,7 @@ RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on", "cpu", "max_rss"]
+             "depends_on", "cpu", "max_rss", "containment"]
 LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
 
 MIXED = {"name": "mixed", "steps": [
@@ -99,7 +99,7 @@ def test_status_json_schema(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
     assert skipped == {"state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
                        "finished_at": skipped["finished_at"],
                        "error": "skipped: upstream step 'bad' failed", "depends_on": ["bad"],
-                       "cpu": None, "max_rss": None}  # it never ran: nothing measured
+                       "cpu": None, "max_rss": None, "containment": None}  # it never ran
     for step in (ok, bad):
         # what wait4 measured of its attempt (issue 12): CPU seconds and peak RSS in KiB
         assert isinstance(step["cpu"], float) and step["cpu"] >= 0, step

@@ -658,7 +658,7 @@ def ordered(data: bytes) -> Any:
 
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on", "cpu", "max_rss"]
+             "depends_on", "cpu", "max_rss", "containment"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
 
 
@@ -701,12 +701,12 @@ def test_run_status_values() -> None:
     assert status["steps"]["ok"] == {
         "state": "SUCCEEDED", "attempts": 1, "exit_code": 0, "started_at": started,
         "finished_at": ev.format_ts(T0 + 1), "error": None, "depends_on": [],
-        "cpu": None, "max_rss": None,
+        "cpu": None, "max_rss": None, "containment": None,
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
-        "depends_on": ["killed"], "cpu": None, "max_rss": None,
+        "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"

@@ -462,6 +462,7 @@ class Engine:
             self._record(key.run_id, ev.AttemptStarted, {
                 "step": key.step, "attempt": key.attempt, "pid": info.pid,
                 "start_time": info.start_time or 0.0, "boot_id": info.boot_id,
+                **({"containment": info.containment} if info.containment else {}),
             }, lazily=True)
 
     def attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,

@@ -61,6 +61,9 @@ class AttemptStarted(Event, tag=True, kw_only=True):
     pid: int
     start_time: float
     boot_id: str
+    # How the attempt's processes are known and killed: "cgroup" (a leaf of its own) or
+    # "session" (session and marks); absent in logs older than the keeper.
+    containment: str | None = None
 
 
 class AttemptEnd(Event, kw_only=True):

@@ -63,6 +63,7 @@ class StartInfo(NamedTuple):
     pid: int
     start_time: float | None  # None until `identify`; 0.0 if it ended before that
     boot_id: str
+    containment: str | None = None  # "cgroup" or "session", where the executor says
 
 
 class StartFailed(Exception):

@@ -154,6 +154,7 @@ class KStarted(KMsg):
     pid: int
     start_time: float
     boot_id: str
+    containment: str = ""  # how its processes are known: "cgroup" or "session"
 
 
 class KEnded(KMsg):
@@ -277,11 +278,12 @@ def fsync_dir(path: Path) -> None:
 
 class Keeper:
     def __init__(self, keeper_dir: Path) -> None:
+        from wfd.cgroups import AttemptCgroups
         from wfd.procs import LocalExecutor  # psutil and the rest, only in the keeper
 
         self.dir = keeper_dir
         self.layout = Layout(keeper_dir.parent)
-        self.executor = LocalExecutor(self._ended)
+        self.executor = LocalExecutor(self._ended, AttemptCgroups.find(str(keeper_dir)))
         self.journal = Journal(keeper_dir / f"{JOURNAL_PREFIX}{os.getpid()}.jsonl")
         self.writer: asyncio.StreamWriter | None = None
         self.started: dict[AttemptKey, float] = {}  # wall-clock start times
@@ -370,7 +372,8 @@ class Keeper:
             info = self.executor.identify(info)  # type: ignore[attr-defined]
             self._send(KStarted(run_id=key.run_id, step=key.step, attempt=key.attempt,
                                 pid=info.pid, start_time=info.start_time or 0.0,  # type: ignore[attr-defined]
-                                boot_id=info.boot_id))  # type: ignore[attr-defined]
+                                boot_id=info.boot_id,  # type: ignore[attr-defined]
+                                containment=self.executor.containment(key)))
 
     def _ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
                start_error: str | None = None, usage: tuple[float, int] | None = None) -> None:
@@ -464,6 +467,8 @@ async def _main(keeper_dir: Path) -> int:
     except OSError:
         pass
     keeper.journal.close()
+    if keeper.executor.cgroups is not None:
+        keeper.executor.cgroups.close()
     os.close(lock_fd)
     return 0
 

@@ -129,7 +129,8 @@ class KeptExecutor:
     def _dispatch(self, msg: k.KReply) -> None:
         if isinstance(msg, k.KStarted):
             key = AttemptKey(msg.run_id, msg.step, msg.attempt)
-            self.on_started(key, StartInfo(msg.pid, msg.start_time, msg.boot_id))
+            self.on_started(key, StartInfo(msg.pid, msg.start_time, msg.boot_id,
+                                           msg.containment or None))
         elif isinstance(msg, k.KEnded):
             self._ended(msg.record)
 
@@ -203,8 +204,13 @@ class KeptExecutor:
     async def clear_stale(self, stale: list[StaleAttempt]) -> None:
         """Kill what is left of lost attempts (their keeper died: their processes may
         not): the local executor's proven-by-marks-or-leader hunt, from the daemon."""
+        from wfd.cgroups import AttemptCgroups
         from wfd.procs import LocalExecutor
 
+        cgroups = AttemptCgroups.find(str(self.dir), spawner=False)
+        if cgroups is not None:  # a lost attempt's leaf holds all that is left of it
+            for entry in stale:
+                cgroups.kill(cgroups.leaf(entry.key))
         hunter = LocalExecutor(lambda *args, **kwargs: None)
         hunter.loop = asyncio.get_running_loop()
         await hunter.clear_stale(stale)

@@ -62,10 +62,12 @@ import subprocess
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import psutil
 
+from wfd.cgroups import AttemptCgroups
 from wfd.executor import AttemptKey, AttemptSpec, StaleAttempt, StartFailed, StartInfo
 from wfd.scheduler import exit_code_of
 from wfd.users import name_of
@@ -309,6 +311,7 @@ class _Attempt:
     termed: set[psutil.Process] = field(default_factory=set)
     report: _Report | None = None
     started: float = field(default_factory=time.monotonic)
+    cgroup: Path | None = None  # its own cgroup leaf, where one could be had
 
 
 @dataclass(eq=False)
@@ -331,8 +334,10 @@ class LocalExecutor:
     once per attempt, after its leader exited and every process of it is gone (with
     `start_error=` when the cwd wrapper could not start the program)."""
 
-    def __init__(self, on_end: Callable[..., None]) -> None:
+    def __init__(self, on_end: Callable[..., None],
+                 cgroups: AttemptCgroups | None = None) -> None:
         self.on_end = on_end
+        self.cgroups = cgroups  # a cgroup leaf per attempt, if one can be had
         self.attempts: dict[AttemptKey, _Attempt] = {}
         self.by_pid: dict[int, _Attempt] = {}  # leaders not yet reaped
         self._settle_scheduled = False
@@ -351,9 +356,14 @@ class LocalExecutor:
     # -- start ---------------------------------------------------------------------
 
     def start(self, spec: AttemptSpec) -> StartInfo:
-        info, report_fd = spawn(spec)
+        leaf = self._leaf(spec.key)
+        if leaf is None:
+            info, report_fd = spawn(spec)
+        else:
+            with self.cgroups.inside(leaf):  # type: ignore[union-attr]
+                info, report_fd = spawn(spec)
         uid = self.uid if spec.user is None else spec.user.uid
-        attempt = _Attempt(spec.key, info.pid, spec.kill_grace, uid)
+        attempt = _Attempt(spec.key, info.pid, spec.kill_grace, uid, cgroup=leaf)
         if report_fd >= 0:
             attempt.report = _Report(report_fd, spec.cwd, uid, spec.argv[0])
             self.loop.add_reader(report_fd, self._read_report, attempt)
@@ -361,6 +371,20 @@ class LocalExecutor:
         self.by_pid[info.pid] = attempt
         self.reap()  # it may have exited before we registered it
         return info
+
+    def _leaf(self, key: AttemptKey) -> Path | None:
+        if self.cgroups is None:
+            return None
+        try:
+            return self.cgroups.create(key)
+        except OSError as exc:
+            log.warning("%s: no cgroup of its own (%s)", _name(key), exc.strerror or exc)
+            return None
+
+    def containment(self, key: AttemptKey) -> str:
+        """How the attempt's processes are known: "cgroup" or "session" (+ marks)."""
+        attempt = self.attempts.get(key)
+        return "cgroup" if attempt is not None and attempt.cgroup is not None else "session"
 
     def identify(self, info: StartInfo) -> StartInfo:
         """`info` with the leader's start time (0.0 once it is gone: nothing to find).
@@ -443,6 +467,8 @@ class LocalExecutor:
 
     def _finish(self, attempt: _Attempt) -> None:
         self.attempts.pop(attempt.key, None)
+        if attempt.cgroup is not None and self.cgroups is not None:
+            self.cgroups.remove(attempt.cgroup)
         code = None if attempt.status is None else exit_code_of(attempt.status)
         report = attempt.report
         error = None
@@ -474,6 +500,14 @@ class LocalExecutor:
         wanted = {a.key.marks(): a for a in attempts}
         targets = set(attempts)
         known = set(self.by_pid).union(*(a.members for a in attempts))
+        for attempt in attempts:  # everything in its cgroup is its, whatever it did
+            if attempt.cgroup is not None and self.cgroups is not None:
+                for pid in self.cgroups.pids(attempt.cgroup):
+                    if pid not in known and pid != attempt.pid:
+                        try:
+                            attempt.members[pid] = psutil.Process(pid)
+                        except psutil.Error:
+                            pass
         for pid in descendants(table, [self.pid]):
             if pid in known:
                 continue
@@ -563,6 +597,8 @@ class LocalExecutor:
                     attempt.escalated = True
                     _warn_escalation(attempt.key, attempt.grace, attempt.forced)
                 send(left, signal.SIGKILL)
+                if attempt.cgroup is not None and self.cgroups is not None:
+                    self.cgroups.kill(attempt.cgroup)  # also what forked since the scan
 
     async def stop_all(self, reason: str, force: bool = False) -> None:
         """Kill every running attempt (`force`: SIGKILL at once, also to the previous

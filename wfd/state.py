@@ -87,6 +87,9 @@ class StepStatus(msgspec.Struct):
     # CPU seconds (user + system) of all its attempts, and the largest peak RSS (KiB).
     cpu: float | None = None
     max_rss: int | None = None
+    # How its last attempt's processes were known and killed: "cgroup" (a cgroup of its
+    # own) or "session" (session and marks); null if none ran under a keeper.
+    containment: str | None = None
 
 
 class RunStatus(msgspec.Struct):
@@ -119,7 +122,7 @@ class StepRec:
     __slots__ = (
         "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
-        "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss",
+        "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
     )
 
     def __init__(self, step_id: str, index: int, waiting: int) -> None:
@@ -142,6 +145,7 @@ class StepRec:
         self.deadline: float | None = None  # when the running attempt times out
         self.cpu: float | None = None  # CPU seconds of its attempts, where recorded
         self.max_rss: int | None = None  # KiB
+        self.containment: str | None = None  # how its last attempt's processes are known
 
 
 class RunState:
@@ -318,6 +322,8 @@ def _eff_started(run: RunState, rec: StepRec, event: ev.AttemptStarted) -> None:
     rec.pid = event.pid
     rec.start_time = event.start_time
     rec.boot_id = event.boot_id
+    if event.containment is not None:
+        rec.containment = event.containment
 
 
 def _eff_succeeded(run: RunState, rec: StepRec, event: ev.AttemptSucceeded) -> None:
@@ -469,6 +475,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
+        containment=rec.containment,
     )
 
 
