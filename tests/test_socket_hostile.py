@@ -31,6 +31,7 @@ from wfd import channel as ch
 from wfd import protocol as p
 
 HEADER = struct.Struct(">I")
+V = p.PROTOCOL  # the version of the frames this test makes
 MB = 1024 * 1024
 # Requests a hostile client may send; Shutdown would (rightly) stop the daemon.
 TAGS = [cls.__name__ for cls in p.Request.__args__ if cls is not p.Shutdown]  # type: ignore
@@ -151,9 +152,9 @@ frames = st.one_of(
     st.builds(lambda v: frame_of(msgspec.msgpack.encode(v)), msgpack_values),
     # an envelope of any version around any value
     st.builds(lambda v, m: frame_of(envelope(v, m)),
-              st.one_of(st.just(1), st.just(1), ints, msgpack_values), msgpack_values),
+              st.one_of(st.just(V), st.just(V), ints, msgpack_values), msgpack_values),
     # a message-shaped map: known or unknown tag, fields of the wrong type
-    st.builds(lambda m: frame_of(envelope(1, m)), tagged_maps()),
+    st.builds(lambda m: frame_of(envelope(V, m)), tagged_maps()),
     # valid Structs with wrong values, one to three in a row
     st.builds(lambda msgs: b"".join(p.encode_frame(m) for m in msgs),
               st.lists(valid_structs_wrong_values, min_size=1, max_size=3)),
@@ -213,12 +214,12 @@ def test_every_kind_of_bad_frame_gets_its_answer(daemon: Callable[..., Daemon]) 
     # garbage msgpack, wrong type, unknown tag, unknown field, wrong value
     assert error(frame_of(b"\xc1garbage")).message.startswith("bad request: ")
     assert "Expected `object`, got `array`" in error(frame_of(msgspec.msgpack.encode([1]))).message
-    assert "Invalid value 'Explode'" in error(frame_of(envelope(1, {"type": "Explode"}))).message
-    assert "unknown field `x`" in error(frame_of(envelope(1, {"type": "Status", "x": 1}))).message
+    assert "Invalid value 'Explode'" in error(frame_of(envelope(V, {"type": "Explode"}))).message
+    assert "unknown field `x`" in error(frame_of(envelope(V, {"type": "Status", "x": 1}))).message
     assert "Expected `str | null`, got `int`" in error(
-        frame_of(envelope(1, {"type": "Status", "run_id": 7}))).message
+        frame_of(envelope(V, {"type": "Status", "run_id": 7}))).message
     assert ">= 0 - at `$.offset`" in error(
-        frame_of(envelope(1, {"type": "Logs", "run_id": RUN_ID, "step": "a", "offset": -1}))
+        frame_of(envelope(V, {"type": "Logs", "run_id": RUN_ID, "step": "a", "offset": -1}))
     ).message
     assert "nested too deeply" in error(frame_of(b"\x82\xa1v\x01\xa3msg" + b"\x91" * 100_000
                                                  + b"\xc0")).message
