@@ -5,14 +5,14 @@ A 4 x 6 layered DAG (every step depends on every step of the layer before)
 whose steps sleep a random short time and stamp `start`/`end` lines into a
 shared file. While a step runs it holds an exclusive, non-blocking flock on a
 lock file of its own: a second attempt of the same step running at the same
-time cannot get it and writes `OVERLAP`. A kill of wfd no longer slows the
-run (the steps go on), so the steps of layer L also wait, before their sleep,
-until the test has killed the daemon (L + 1) * MIN_KILLS / LAYERS times: the
-kills land while every layer runs, however fast this machine is. The daemon (never its keeper) is
+time cannot get it and writes `OVERLAP`. The daemon (never its keeper) is
 killed with SIGKILL at random moments (also during its own recovery) at least
 MIN_KILLS times and restarted on the same state dir and socket each time.
 Its running attempts go on under the keeper meanwhile, and their ends are
-recorded by whichever daemon is up next. So the run must succeed with every
+recorded by whichever daemon is up next. A kill of wfd no longer slows the
+run, so the steps of layer L also wait, before their sleep, until the test
+has killed the daemon (L + 1) * MIN_KILLS / LAYERS times: the kills land
+while every layer runs, however fast this machine is. So the run must succeed with every
 step run exactly once (0 reruns: no attempt's keeper died), each outcome
 recorded once, nothing overlapping, nothing out of order and nothing left
 running. (Before issue 12 each kill interrupted the running attempts and they
