@@ -50,7 +50,7 @@ def status_of(state: str = "SUCCEEDED", error: str | None = None) -> RunStatus:
         error=error,
         steps={
             "extract": StepStatus("SUCCEEDED", 1, 0, "2026-11-25T09:58:52.200000Z",
-                                  "2026-11-25T09:58:53.400000Z", None),
+                                  "2026-11-25T09:58:53.400000Z", None, cpu=0.734),
             "load": StepStatus("FAILED", 3, -9, "2026-11-25T09:58:53.500000Z",
                                "2026-11-25T10:01:56.000000Z", "timed out after 120 s"),
         },
@@ -681,9 +681,10 @@ def test_status_table(wfctl: Callable, fake: Callable) -> None:
     assert lines[0].startswith(
         f"run {RUN_ID}  etl  FAILED  owner root  created 2026-11-25 09:58:52"
     )
-    assert lines[1].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR"]
-    assert lines[2].split() == ["extract", "SUCCEEDED", "1", "0", "1.2s", "-"]
-    assert lines[3].split()[:5] == ["load", "FAILED", "3", "-9", "3m02s"]
+    assert lines[1].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU",
+                                "ERROR"]
+    assert lines[2].split() == ["extract", "SUCCEEDED", "1", "0", "1.2s", "0.73s", "-"]
+    assert lines[3].split()[:6] == ["load", "FAILED", "3", "-9", "3m02s", "-"]
     assert lines[3].endswith("timed out after 120 s")
 
 

@@ -137,13 +137,15 @@ def test_status_tables(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
     lines = done.stdout.splitlines()
     assert run_id in lines[0] and "mixed" in lines[0] and "FAILED" in lines[0]
     header = next(i for i, line in enumerate(lines) if line.startswith("STEP"))
-    assert lines[header].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR"]
+    assert lines[header].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU",
+                                     "ERROR"]
     rows = {line.split()[0]: line.split() for line in lines[header + 1:]}
     assert set(rows) == {"ok", "bad", "skipped"}
     assert rows["ok"][1:4] == ["SUCCEEDED", "1", "0"]
     assert rows["bad"][1:4] == ["FAILED", "1", "4"] and "exited with status 4" in \
         " ".join(rows["bad"])
-    assert rows["skipped"][1:5] == ["SKIPPED", "0", "-", "-"]
+    assert rows["skipped"][1:6] == ["SKIPPED", "0", "-", "-", "-"]  # never ran: no CPU
+    assert rows["ok"][5].endswith("s")  # measured CPU time of its attempt
     listing = d.wfctl("status")
     assert listing.returncode == 0
     first, *others = listing.stdout.splitlines()

@@ -71,6 +71,13 @@ def _one_line(text: str | None) -> str:
     return "-" if not text else printable(" ".join(text.split()))
 
 
+def cpu_time(seconds: float | None) -> str:
+    """CPU seconds of a step's attempts (user + system), "-" where none was measured."""
+    if seconds is None:
+        return "-"
+    return f"{seconds:.2f}s" if seconds < 60 else f"{seconds / 60:.1f}min"
+
+
 def run_lines(status: RunStatus, now: float | None) -> list[str]:
     """A run's header line, its error if any, and a table of its steps; `now` as in `span`."""
     head = (
@@ -88,12 +95,13 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
             step_id, step.state, str(step.attempts),
             "-" if step.exit_code is None else str(step.exit_code),
             span(step.started_at, step.finished_at, now, step.state == RUNNING),
+            cpu_time(step.cpu),
             _one_line(step.error),
         ]
         for step_id, step in status.steps.items()
     ]
     if rows:
-        lines += table(["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "ERROR"], rows)
+        lines += table(["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU", "ERROR"], rows)
     return lines
 
 
