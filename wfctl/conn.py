@@ -63,7 +63,7 @@ class Trust:
     """Whom a socket may belong to: the uids that may answer on it (SO_PEERCRED), and
     the uid that must own its directory (None: not checked, a path the user gave)."""
 
-    peers: frozenset[int]
+    peers: frozenset[int] | None  # None: any (root naming a socket itself)
     dir_owner: int | None
 
 
@@ -73,6 +73,15 @@ def user_trust(dir_checked: bool = True) -> Trust:
 
 
 SYSTEM_TRUST = Trust(frozenset({0}), 0)
+
+
+def explicit_trust() -> Trust:
+    """A socket the user named: its directory is their choice; its peer must be them or
+    root, except for root, who may submit to any user's daemon by naming its socket (the
+    run is that daemon user's, SPEC 5)."""
+    if os.getuid() == 0:
+        return Trust(None, None)
+    return user_trust(dir_checked=False)
 
 
 class Untrusted(WfdError):
@@ -255,7 +264,7 @@ def _check_peer(sock: socket.socket, path: str, trust: Trust) -> None:
     kernel's word, taken when it called listen)."""
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
-    if uid in trust.peers:
+    if trust.peers is None or uid in trust.peers:
         return
     wanted = "root" if trust.peers == {0} else f"you (uid {os.getuid()}) or root"
     raise Untrusted(path, f"the process answering on it runs as {_user(uid)}, not as "
@@ -295,7 +304,7 @@ def open_connection(socket_arg: str | None, autostart: bool) -> Connection:
     """The connection SPEC 5 chooses (see the module docstring)."""
     explicit = socket_arg or os.environ.get("WFD_SOCKET")
     if explicit:
-        return connect(explicit, trust=user_trust(dir_checked=False))
+        return connect(explicit, trust=explicit_trust())
     from wfd import paths
 
     user = paths.user_socket()
