@@ -12,6 +12,7 @@ then the step's `on_lost` says what happens.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -373,3 +374,49 @@ def test_shutdown_stop_steps_stops_them_and_they_rerun_without_a_retry(
     final = wait_for_state(d, run_id, *ENDED)
     assert final["state"] == "SUCCEEDED" and final["steps"]["s"]["attempts"] == 2, final
     assert len(pid_file.read_text().split()) == 2
+
+
+# ---- the keeper outlives the daemon that started it, from its first moment -------------
+
+
+def test_a_keeper_whose_starter_died_before_its_ready_line_still_serves(sandbox) -> None:
+    """A daemon killed while its keeper starts never reads the keeper's "ready" line: the
+    keeper must go on (the next daemon finds it by its lock), not die of a broken pipe."""
+    import socket as sk
+
+    from wfd import keeper as k
+
+    keeper_dir = sandbox.root / "keeper"
+    keeper_dir.mkdir(mode=0o700)
+    reader, writer = os.pipe()
+    proc = subprocess.Popen([sys.executable, "-m", "wfd.keeper", str(keeper_dir)],
+                            stdin=subprocess.DEVNULL, stdout=writer, start_new_session=True,
+                            env=base_env(sandbox.mark))
+    os.close(writer)
+    os.close(reader)  # as if the daemon that started it was SIGKILLed
+
+    def hello() -> k.KWelcome | None:
+        conn = sk.socket(sk.AF_UNIX, sk.SOCK_STREAM)
+        conn.settimeout(5)
+        try:
+            conn.connect(str(keeper_dir / k.SOCKET))
+            conn.sendall(k.frame(k.KHello(version=k.KEEPER_PROTOCOL, daemon_pid=os.getpid())))
+            data = b""
+            while len(data) < 4 or len(data) < 4 + k.HEADER.unpack(data[:4])[0]:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return None
+                data += chunk
+            return k.decode_reply(data[4:])  # type: ignore[return-value]
+        except OSError:
+            return None
+        finally:
+            conn.close()
+
+    try:
+        welcome = wait_until(hello, 10, interval=0.05, message="the keeper to answer")
+        assert isinstance(welcome, k.KWelcome) and welcome.pid == proc.pid, welcome
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)

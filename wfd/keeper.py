@@ -445,7 +445,10 @@ async def _main(keeper_dir: Path) -> int:
         server = await asyncio.start_unix_server(keeper.serve, path=str(path))
     finally:
         os.umask(old)
-    os.write(1, b"ready\n")  # the daemon waits for this line
+    try:
+        os.write(1, b"ready\n")  # the daemon waits for this line
+    except OSError:
+        pass  # that daemon died meanwhile: the next one finds this keeper by its lock
     os.close(1)
     os.open(os.devnull, os.O_WRONLY)  # fd 1 again, so nothing writes into a closed pipe
     keeper._check_idle()
