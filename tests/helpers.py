@@ -113,6 +113,22 @@ def popen_wfctl(
     return subprocess.Popen([sys.executable, "-m", "wfctl", *args], env=full_env, **popen)
 
 
+def ask_shutdown(path: str | Path, stop_steps: bool, timeout: float = 5.0) -> bool:
+    """`wfctl shutdown [--stop-steps]` straight on the socket; False if not answered."""
+    from wfd import protocol
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(str(path))
+        protocol.send(sock, protocol.Shutdown(stop_steps=stop_steps))
+        return isinstance(protocol.recv_reply(sock), protocol.Ok)
+    except Exception:  # gone, or not a daemon to use
+        return False
+    finally:
+        sock.close()
+
+
 def hello(path: str | Path, timeout: float = 1.0) -> Any:
     """The HelloReply of the daemon at `path`, or None if nothing answers in time."""
     from wfd import protocol
@@ -197,13 +213,16 @@ class Daemon:
     def stop(self, timeout: float = STOP_TIMEOUT, keep_steps: bool = False) -> int:
         """SIGTERM and wait; its exit status. SIGKILL and AssertionError if it hangs.
 
-        A stopped daemon leaves its running steps to the keeper; unless `keep_steps`, the
-        keeper is stopped too (SIGTERM: it stops the steps, records them as stopped, and
-        exits), so that a test's stop stops everything, as before steps outlived the
-        daemon."""
+        A stopped daemon leaves its running steps to the keeper. Unless `keep_steps`, the
+        steps are stopped first (`wfctl shutdown --stop-steps`: recorded as interrupted),
+        and the keeper too, so that a test's stop stops everything, as before steps
+        outlived the daemon; `keep_steps` is a plain SIGTERM."""
         assert self.proc is not None, f"daemon {self.name} was never started"
         if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
+            # Stopping the steps first records them as interrupted in the run's log, as a
+            # stop did before steps outlived the daemon; a plain SIGTERM leaves them.
+            if keep_steps or not ask_shutdown(self.socket, stop_steps=True):
+                self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout)
             except subprocess.TimeoutExpired:
