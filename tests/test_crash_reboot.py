@@ -14,8 +14,10 @@ their keeper (the keeper SIGKILLed, its steps not): the recorded pid with the
 same start time and boot id is killed even when it carries no marks, and left
 alone when the log gives another boot or start time; after a crash before the
 pid was recorded (the log has the claim only), the marks alone find the old
-process before the next attempt runs. A crash of the daemon alone (its keeper
-alive) loses nothing: the same attempt goes on.
+process before the next attempt runs. (Where each attempt has a cgroup leaf,
+which alone would find it, the pid tests move the process out of it first.)
+A crash of the daemon alone (its keeper alive) loses nothing: the same
+attempt goes on.
 """
 
 from __future__ import annotations
@@ -202,6 +204,30 @@ def unmarked_leader_run(d: Daemon, root: Path) -> tuple[str, psutil.Process]:
     return run_id, proc
 
 
+def cgroup_v2(pid: int | str) -> str | None:
+    """The cgroup v2 path of a process ("0::/path" in /proc/PID/cgroup)."""
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        if line.startswith("0::"):
+            return line[3:]
+    return None
+
+
+def leave_its_cgroup(proc: psutil.Process) -> None:
+    """Move `proc` out of its attempt's cgroup leaf (where the keeper could make one) into
+    this test's own cgroup: a stranger that took a step's pid is in no leaf of wfd's."""
+    mine, its = cgroup_v2("self"), cgroup_v2(proc.pid)
+    if mine is None or its == mine:
+        return  # no leaf per attempt here
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        if right.split(" ", 1)[0] == "cgroup2":
+            mount = Path(left.split()[4])
+            (mount / mine.lstrip("/") / "cgroup.procs").write_text(str(proc.pid))
+            assert cgroup_v2(proc.pid) == mine
+            return
+    raise AssertionError("a cgroup v2 path but no cgroup2 mount")
+
+
 def test_recorded_leader_without_marks_is_killed_after_its_keeper_died(
         daemon, wfd_tmp: Path) -> None:
     d = daemon()
@@ -209,6 +235,7 @@ def test_recorded_leader_without_marks_is_killed_after_its_keeper_died(
     d.kill()
     d.kill_keeper()  # its attempt is lost; the leader outlives it
     assert proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    leave_its_cgroup(proc)  # so that only its recorded pid and start time name it
     d.start()
     wait_until(lambda: not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE,
                timeout=10, message="the recorded leader to be killed")
@@ -225,7 +252,9 @@ def test_recorded_pid_of_another_process_is_left_alone(daemon, wfd_tmp: Path,
     run_id, proc = unmarked_leader_run(d, wfd_tmp)
     d.kill()
     d.kill_keeper()  # its attempt is lost; the leader outlives it
-    # Here the stranger is the same process (without any mark); the log says otherwise.
+    # Here the stranger is the same process (without any mark, out of the attempt's cgroup
+    # leaf); the log says otherwise.
+    leave_its_cgroup(proc)
     change = {"boot_id": lambda _: "00000000-dead-beef", "start_time": lambda t: t - 10.0}
     rewrite_started(d.state_dir / "runs" / run_id / "events.jsonl", field, change[field])
     d.start()
