@@ -50,9 +50,12 @@ class Harness:
         self.count = 0
 
     def _on_end(self, key: AttemptKey, code: int | None, reason: str | None,
-                start_error: str | None = None) -> None:
+                start_error: str | None = None,
+                usage: tuple[float, int] | None = None) -> None:
         assert key not in self.ended, f"{key} ended twice"
         self.ended[key] = (code, reason, start_error)
+        if start_error is None:  # a leader we reaped: wait4 measured it
+            assert usage is not None and usage[0] >= 0 and usage[1] > 0, (key, usage)
 
     def key(self) -> AttemptKey:
         self.count += 1

@@ -589,16 +589,9 @@ class LocalExecutor:
                 del self._dying[attempt.key]
                 self._finish(attempt)
                 continue
-            # SIGTERM first, also to what joined since: a kill_grace of 0 is still TERM, KILL
-            send([p for p in left if p not in attempt.termed], signal.SIGTERM)
-            attempt.termed.update(left)
-            if now >= attempt.deadline:
-                if not attempt.escalated:
-                    attempt.escalated = True
-                    _warn_escalation(attempt.key, attempt.grace, attempt.forced)
-                send(left, signal.SIGKILL)
-                if attempt.cgroup is not None and self.cgroups is not None:
-                    self.cgroups.kill(attempt.cgroup)  # also what forked since the scan
+            killing = _term_then_kill(attempt, left, now)
+            if killing and attempt.cgroup is not None and self.cgroups is not None:
+                self.cgroups.kill(attempt.cgroup)  # also what forked since the scan
 
     async def stop_all(self, reason: str, force: bool = False) -> None:
         """Kill every running attempt (`force`: SIGKILL at once, also to the previous
@@ -672,13 +665,7 @@ class LocalExecutor:
                 entry.told = True
                 log.info("%s: killing %d process(es) of the previous daemon",
                          _name(entry.key), len(left))
-            send([p for p in left if p not in entry.termed], signal.SIGTERM)
-            entry.termed.update(left)
-            if now >= entry.deadline:
-                if not entry.escalated:
-                    entry.escalated = True
-                    _warn_escalation(entry.key, entry.grace, entry.forced)
-                send(left, signal.SIGKILL)
+            _term_then_kill(entry, left, now)
         return cleared
 
 
@@ -762,6 +749,21 @@ def _verified_leader(pid: int | None, start_time: float | None,
     except psutil.Error:
         pass
     return None
+
+
+def _term_then_kill(dying: _Attempt | _Stale, left: list[psutil.Process], now: float) -> bool:
+    """One tick of a kill: SIGTERM what has not had it (also what joined since, so a
+    kill_grace of 0 is still TERM, then KILL); past the deadline SIGKILL all of it,
+    warning once. True once SIGKILL is due."""
+    send([p for p in left if p not in dying.termed], signal.SIGTERM)
+    dying.termed.update(left)
+    if now < dying.deadline:
+        return False
+    if not dying.escalated:
+        dying.escalated = True
+        _warn_escalation(dying.key, dying.grace, dying.forced)
+    send(left, signal.SIGKILL)
+    return True
 
 
 def _warn_escalation(key: AttemptKey, grace: float, forced: bool) -> None:
