@@ -841,3 +841,18 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
+
+
+def test_a_huge_name_does_not_widen_every_row(wfctl: Callable, fake: Callable) -> None:
+    from wfctl.render import MAX_CELL
+
+    huge = "n" * 1_000_000
+    runs = [RunSummary(RUN_ID, huge, "root", "SUCCEEDED", "2026-11-25T09:58:52.123456Z",
+                       "2026-11-25T09:58:53.123456Z"),
+            RunSummary(RUN_ID[:-1] + "9", "small", "root", "FAILED",
+                       "2026-11-25T09:58:52.123456Z", "2026-11-25T09:58:53.123456Z")]
+    server = fake(lambda request: [p.RunList(runs)])
+    done = wfctl("status", "--socket", str(server.path))
+    assert done.returncode == 0, done.stderr
+    assert max(len(line) for line in done.stdout.splitlines()) < 3 * MAX_CELL
+    assert "small" in done.stdout and "n" * (MAX_CELL - 3) + "..." in done.stdout

@@ -55,10 +55,19 @@ def span(start: str | None, end: str | None, now: float | None, running: bool) -
     return "-"
 
 
+MAX_CELL = 64  # a padded column is never wider: one huge name must not widen every row
+
+
+def _cell(text: str) -> str:
+    text = printable(text)
+    return text if len(text) <= MAX_CELL else text[: MAX_CELL - 3] + "..."
+
+
 def table(header: list[str], rows: list[list[str]]) -> list[str]:
     """Left-aligned columns two spaces apart; the last column is not padded. Cells are
-    escaped first, so the widths are those of what the terminal shows."""
-    rows = [[printable(cell) for cell in row] for row in rows]
+    escaped first, so the widths are those of what the terminal shows, and a padded
+    cell is cut at MAX_CELL (a 16 MiB name would pad every row to 16 MiB)."""
+    rows = [[_cell(cell) for cell in row[:-1]] + [printable(row[-1])] for row in rows]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header) - 1)]
     lines = []
     for row in [header, *rows]:
