@@ -54,6 +54,7 @@ SOCKET = "keeper.sock"
 LOCK = "lock"
 JOURNAL_PREFIX = "exits-"
 LINGER = 2.0  # seconds an idle keeper with no daemon waits for one before it exits
+MAX_RETRY = 5.0  # seconds between tries of a failing journal write, at most
 
 
 # ---- messages -----------------------------------------------------------------------
@@ -243,14 +244,25 @@ class Journal:
         self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
                           | os.O_NOFOLLOW, 0o600)
         fsync_dir(path.parent)
+        self.size = os.fstat(self.fd).st_size  # the whole lines written so far
         self.unacked: dict[AttemptKey, ExitRecord] = {}
 
     def append(self, records: list[ExitRecord]) -> None:
+        """Write and sync whole lines; on failure cut back to the last whole one, so a
+        retry never leaves half a line before a whole one."""
         data = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
         view = memoryview(data)
-        while view:
-            view = view[os.write(self.fd, view):]
-        os.fdatasync(self.fd)
+        try:
+            while view:
+                view = view[os.write(self.fd, view):]
+            os.fdatasync(self.fd)
+        except OSError:
+            try:
+                os.ftruncate(self.fd, self.size)
+            except OSError:
+                pass
+            raise
+        self.size += len(data)
         for record in records:
             self.unacked[record.key] = record
 
@@ -290,6 +302,7 @@ class Keeper:
         self.timers: dict[AttemptKey, asyncio.TimerHandle] = {}
         self._ends: list[ExitRecord] = []
         self._flush_scheduled = False
+        self._retry = 0.0  # seconds before the next try of a failed journal write
         self._unreported: list[tuple[AttemptKey, object]] = []
         self.idle = asyncio.Event()
         self.stopping = False
@@ -395,10 +408,21 @@ class Keeper:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Make the ends durable in one sync, then tell the daemon."""
+        """Make the ends durable in one sync, then tell the daemon. A failed write (ENOSPC,
+        EIO) keeps them and tries again with backoff: an end is told only once durable,
+        and never dropped."""
         self._flush_scheduled = False
+        try:
+            self.journal.append(self._ends)
+        except OSError as exc:
+            log.error("keeper: cannot record %d attempt end(s): %s; retrying", len(self._ends),
+                      exc.strerror or exc)
+            self._flush_scheduled = True
+            self._retry = min(self._retry * 2, MAX_RETRY) if self._retry else 0.1
+            asyncio.get_running_loop().call_later(self._retry, self._flush)
+            return
+        self._retry = 0.0
         ends, self._ends = self._ends, []
-        self.journal.append(ends)
         for record in ends:
             self._send(KEnded(record=record))
         self._check_idle()
