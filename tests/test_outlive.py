@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pytest
 from helpers import (
     Daemon,
     base_env,
@@ -420,3 +421,52 @@ def test_a_keeper_whose_starter_died_before_its_ready_line_still_serves(sandbox)
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+# ---- a lost attempt's leftovers: SIGTERM first, then its whole cgroup leaf -------------
+
+
+def _why_no_cgroups() -> str | None:
+    from wfd.cgroups import AttemptCgroups
+
+    if os.geteuid() != 0:
+        return "needs root to make cgroups"
+    probe = AttemptCgroups.find(f"wfd-test-probe-{os.getpid()}")
+    if probe is None:
+        return "no writable cgroup2 hierarchy here"
+    probe.close()
+    return None
+
+
+def test_a_lost_attempts_leftovers_get_sigterm_then_its_leaf_is_emptied(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    """The keeper is killed, the step's processes are not: the next daemon kills them as
+    every kill goes (SIGTERM, kill_grace, SIGKILL) and, with a cgroup leaf per attempt,
+    also what left the session and dropped the marks, before attempt 2 runs."""
+    if (why := _why_no_cgroups()) is not None:
+        pytest.skip(why)
+    term, escaped_file = wfd_tmp / "term", wfd_tmp / "escaped"
+    wf = write_workflow(wfd_tmp, {"steps": [{"id": "s", "kill_grace": 2, "command": (
+        f'[ "$WFD_ATTEMPT" -ge 2 ] && exit 0; trap "echo TERM >> {term}; exit 0" TERM; '
+        f"setsid env -i sh -c 'echo $$ > {escaped_file}; exec sleep 1000' & "
+        "while :; do sleep 0.05; done")}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    leader = started(d, run_id, 1)["s"]["pid"]
+    escaped = psutil.Process(int(wait_until(
+        lambda: escaped_file.exists() and escaped_file.read_text().strip(), 10)))
+    try:
+        assert escaped.environ().get("WFD_RUN_ID") is None  # only its leaf knows it
+        d.kill()
+        d.kill_keeper()
+        assert not gone(leader) and not gone(escaped.pid), "gone with the keeper"
+        d.start()
+        final = wait_for_state(d, run_id, *ENDED, timeout=30)
+        assert final["state"] == "SUCCEEDED" and final["steps"]["s"]["attempts"] == 2, final
+        assert term.read_text() == "TERM\n", "the lost attempt's leader got no SIGTERM"
+        assert gone(escaped.pid), "a lost attempt's process outside its session survived"
+        assert run_json(d, run_id)["steps"]["s"]["containment"] == "cgroup"
+    finally:
+        if not gone(escaped.pid):
+            escaped.kill()  # psutil refuses a pid that was reused since

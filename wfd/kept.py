@@ -31,6 +31,7 @@ from wfd.executor import AttemptKey, AttemptSpec, StaleAttempt, StartInfo
 log = logging.getLogger("wfd")
 
 CONNECT_WAIT = 10.0  # seconds to wait for a keeper to answer (started, or starting)
+LEAF_WAIT = 10.0  # seconds a lost attempt's cgroup leaf may take to empty after cgroup.kill
 
 
 class KeeperUnavailable(Exception):
@@ -207,13 +208,22 @@ class KeptExecutor:
         from wfd.cgroups import AttemptCgroups
         from wfd.procs import LocalExecutor
 
-        cgroups = AttemptCgroups.find(str(self.dir), spawner=False)
-        if cgroups is not None:  # a lost attempt's leaf holds all that is left of it
-            for entry in stale:
-                cgroups.kill(cgroups.leaf(entry.key))
         hunter = LocalExecutor(lambda *args, **kwargs: None)
         hunter.loop = asyncio.get_running_loop()
-        await hunter.clear_stale(stale)
+        await hunter.clear_stale(stale)  # SIGTERM, kill_grace, SIGKILL, as every kill
+        cgroups = AttemptCgroups.find(str(self.dir), spawner=False)
+        if cgroups is None:
+            return
+        # A lost attempt's leaf holds all that is left of it, also what dropped the marks:
+        # killed once the hunt (which gave the marked ones their SIGTERM) is over.
+        leaves = [cgroups.leaf(entry.key) for entry in stale]
+        for leaf in leaves:
+            cgroups.kill(leaf)
+        deadline = hunter.loop.time() + LEAF_WAIT
+        while any(cgroups.pids(leaf) for leaf in leaves) and hunter.loop.time() < deadline:
+            await asyncio.sleep(0.02)
+        for leaf in leaves:
+            cgroups.remove(leaf)
 
     def close(self) -> None:
         """The daemon stops: leave the keeper and its attempts running."""
