@@ -470,3 +470,35 @@ def test_a_lost_attempts_leftovers_get_sigterm_then_its_leaf_is_emptied(
     finally:
         if not gone(escaped.pid):
             escaped.kill()  # psutil refuses a pid that was reused since
+
+
+# ---- a claim whose spawn never reached the keeper -------------------------------------
+
+
+def test_an_attempt_claimed_but_never_sent_to_the_keeper_starts_once_and_is_not_lost(
+    sandbox, wfd_tmp: Path,
+) -> None:
+    """The daemon dies after the claim is durable and before the keeper gets the attempt
+    (here: a fault point SIGKILLs it there). The keeper, alive since before the claim,
+    never ran it, so it is not lost (`on_lost: fail` must not fail it): the next daemon
+    starts that same attempt."""
+    runs = wfd_tmp / "runs"
+    wf = write_workflow(wfd_tmp, {"steps": [{
+        "id": "once", "on_lost": "fail", "command": f"echo $WFD_ATTEMPT >> {runs}"}]})
+    d = sandbox.daemon(env={"WFD_FAULTS": "spawn=kill"})
+    keeper = d.keeper()
+    assert keeper is not None
+    client = d.popen("run", str(wf))  # its answer may die with the daemon
+    wait_until(lambda: not d.running, 15, message="the daemon to die at the fault point")
+    client.communicate(timeout=30)
+    [run_id] = d.run_ids()
+    log = events(d, run_id)
+    assert [e["type"] for e in log][-1] == "AttemptClaimed", log
+    assert d.keeper() is not None and d.keeper().pid == keeper.pid
+    d.env.pop("WFD_FAULTS")
+    d.start()
+    final = wait_for_state(d, run_id, *ENDED, timeout=30)
+    assert final["state"] == "SUCCEEDED", final
+    assert final["steps"]["once"]["attempts"] == 1, final
+    assert runs.read_text() == "1\n"  # it ran once
+    assert [e["type"] for e in of(events(d, run_id), "once", *ENDS)] == ["AttemptSucceeded"]

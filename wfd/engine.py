@@ -32,7 +32,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wfd import events as ev
-from wfd import scheduler, store
+from wfd import faults, scheduler, store
 from wfd import state as st
 from wfd.clock import Clock
 from wfd.committer import Batch, Committer
@@ -405,6 +405,7 @@ class Engine:
 
     def _spawn(self, key: AttemptKey) -> None:
         """The claim is durable: start the process (unless the run moved on meanwhile)."""
+        faults.hit("spawn")  # tests: a crash between a claim and its spawn
         run = self.runs.get(key.run_id)
         rec = run.steps[key.step] if run is not None else None
         moved_on = rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt
@@ -642,8 +643,10 @@ class Engine:
             for step_id in run.running:
                 rec = run.steps[step_id]
                 key = AttemptKey(run_id, step_id, rec.attempts)
+                claimed_at = ev.parse_ts(rec.attempt_ts) if rec.attempt_ts else None
                 stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id,
-                                          self._grace(run, rec.index), run.owner_uid))
+                                          self._grace(run, rec.index), run.owner_uid,
+                                          claimed_at))
             if hasattr(self.executor, "reattach"):
                 await self._reattach(run, stale)
             else:
@@ -663,16 +666,22 @@ class Engine:
         """Attempts a previous daemon left RUNNING: those still running under the keeper go
         on; an ended one's outcome is recorded (once: `attempt_ended` checks); a lost one
         (no keeper runs it, no record of its end) follows its step's `on_lost`, after
-        whatever is left of its tree is killed."""
+        whatever is left of its tree is killed. One that never reached the keeper (the
+        previous daemon died between its claim and its spawn) never ran: it starts now."""
         found = self.executor.reattach(stale)  # type: ignore[attr-defined]
         for record in found.ended:
             self.attempt_ended(record.key, record.exit_code, record.kill_reason,
                                start_error=record.error, usage=(record.cpu, record.max_rss))
         lost = [entry for entry in stale if entry.key in set(found.lost)]
-        if lost:
-            await self.executor.clear_stale(lost)
+        unsent = [entry for entry in stale if entry.key in set(found.unsent)]
+        if lost or unsent:  # of an unsent one nothing should be left: made sure of
+            await self.executor.clear_stale(lost + unsent)
         for entry in lost:
             self._lost(run, entry)
+        for entry in unsent:
+            log.info("%s %s: attempt %d never reached the keeper; starting it now",
+                     run.run_id, entry.key.step, entry.key.attempt)
+            self._spawn(entry.key)
 
     def _lost(self, run: st.RunState, entry: StaleAttempt) -> None:
         rec = run.steps[entry.key.step]

@@ -80,6 +80,7 @@ class StaleAttempt(NamedTuple):
     boot_id: str | None
     kill_grace: float
     uid: int | None = None  # the run owner's: only processes of this uid are the attempt's
+    claimed_at: float | None = None  # when its AttemptClaimed was recorded (epoch seconds)
 
 
 OnEnd = Callable[[AttemptKey, "int | None", "str | None"], None]

@@ -144,6 +144,9 @@ class KWelcome(KMsg):
     pid: int
     running: list[tuple[str, str, int]]
     ended: list[ExitRecord]
+    # When this keeper began (wall clock): an attempt claimed after it that it neither runs
+    # nor has a record of never reached it (the daemon died between claim and KStart).
+    since: float = 0.0
 
 
 class KStarted(KMsg):
@@ -293,6 +296,7 @@ class Keeper:
         from wfd.cgroups import AttemptCgroups
         from wfd.procs import LocalExecutor  # psutil and the rest, only in the keeper
 
+        self.since = time.time()  # before it can be asked to start anything
         self.dir = keeper_dir
         self.layout = Layout(keeper_dir.parent)
         self.executor = LocalExecutor(self._ended, AttemptCgroups.find(str(keeper_dir)))
@@ -330,7 +334,7 @@ class Keeper:
             self._send(KWelcome(
                 version=KEEPER_PROTOCOL, pid=os.getpid(),
                 running=[key_tuple(k) for k in self.executor.attempts],
-                ended=list(self.journal.unacked.values()),
+                ended=list(self.journal.unacked.values()), since=self.since,
             ))
         elif isinstance(msg, KStart):
             self._start(msg)

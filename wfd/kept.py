@@ -11,8 +11,10 @@ At start-up `connect` finds the keeper of the state dir (its lock held, its
 socket answering) or starts one. `reattach` then sorts the attempts the log
 says are RUNNING: still running under the keeper (they go on; their end comes
 as usual), ended with a record (in the keeper's unacknowledged ends or in a
-journal a dead keeper left), or lost (neither: a reboot, or the keeper was
-killed), which the engine handles per the step's `on_lost`.
+journal a dead keeper left), unsent (claimed after this keeper began, yet
+unknown to it: the daemon died between the claim and its `KStart`, so it never
+ran and the engine starts it now), or lost (none of these: a reboot, or the
+keeper was killed), which the engine handles per the step's `on_lost`.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Reattached(NamedTuple):
     running: list[AttemptKey]
     ended: list[k.ExitRecord]
     lost: list[AttemptKey]
+    unsent: list[AttemptKey]  # claimed, but the daemon died before the keeper got it
 
 
 class KeptExecutor:
@@ -186,7 +189,7 @@ class KeptExecutor:
         running = {AttemptKey(*key) for key in welcome.running}
         ended = {record.key: record for record in welcome.ended}
         journals: dict[AttemptKey, k.ExitRecord] | None = None
-        result = Reattached([], [], [])
+        result = Reattached([], [], [], [])
         for entry in stale:
             key = entry.key
             if key in running:
@@ -198,6 +201,8 @@ class KeptExecutor:
                     journals = k.read_journals(self.dir)
                 if key in journals:
                     result.ended.append(journals[key])
+                elif welcome.since and (entry.claimed_at or 0.0) > welcome.since:
+                    result.unsent.append(key)  # this keeper ran since the claim: never got it
                 else:
                     result.lost.append(key)
         return result
