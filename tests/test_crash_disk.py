@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import errno
 import json
-import signal
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Daemon, run_json, wait_for_state, wait_until, write_workflow
+from helpers import Daemon, ask_shutdown, run_json, wait_for_state, wait_until, write_workflow
 
 EXIT_STORAGE = 6
 CHAIN = 40  # steps; ~650 bytes of events each, far more than a page of slack or the limit
@@ -216,9 +215,11 @@ def test_efbig_under_rlimit_fsize_then_crash_and_restart(sandbox, wfd_tmp: Path)
     assert events_path.stat().st_size > FSIZE_LIMIT
 
 
-def test_sigterm_while_events_cannot_be_persisted(sandbox, wfd_tmp: Path) -> None:
+def test_stop_steps_while_events_cannot_be_persisted(sandbox, wfd_tmp: Path) -> None:
     """Stop on a broken disk: the step trees still go and the daemon still exits (it
-    cannot record the interruptions; the next daemon does), rather than hang."""
+    cannot record the interruptions; the next daemon does), rather than hang. Since
+    issue 12 a plain SIGTERM leaves steps running, so the stop here is `wfctl shutdown
+    --stop-steps` (changed on purpose)."""
     wf = chain_workflow(wfd_tmp, sleeper=True)
     d = limited_daemon(sandbox)
     run_id = d.submit(wf)
@@ -230,7 +231,7 @@ def test_sigterm_while_events_cannot_be_persisted(sandbox, wfd_tmp: Path) -> Non
     check_failing(d, run_id, wfd_tmp, wf, "File too large")
     events_path = d.state_dir / "runs" / run_id / "events.jsonl"
 
-    d.proc.send_signal(signal.SIGTERM)
+    assert ask_shutdown(d.socket, stop_steps=True)
     try:
         d.proc.wait(timeout=15)
     except subprocess.TimeoutExpired:

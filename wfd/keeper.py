@@ -307,6 +307,7 @@ class Keeper:
         self._ends: list[ExitRecord] = []
         self._flush_scheduled = False
         self._retry = 0.0  # seconds before the next try of a failed journal write
+        self._told: set[AttemptKey] = set()  # ends told while their write kept failing
         self._unreported: list[tuple[AttemptKey, object]] = []
         self.idle = asyncio.Event()
         self.stopping = False
@@ -413,23 +414,33 @@ class Keeper:
 
     def _flush(self) -> None:
         """Make the ends durable in one sync, then tell the daemon. A failed write (ENOSPC,
-        EIO) keeps them and tries again with backoff: an end is told only once durable,
-        and never dropped."""
+        EIO) keeps them in memory and tries again with backoff until it succeeds; the
+        daemon is told meanwhile (once), so that it records them in its own log if it
+        can, and shows the storage error if it cannot. Nothing is dropped."""
         self._flush_scheduled = False
         try:
             self.journal.append(self._ends)
         except OSError as exc:
-            log.error("keeper: cannot record %d attempt end(s): %s; retrying", len(self._ends),
-                      exc.strerror or exc)
+            if not self._retry:
+                log.error("keeper: cannot record %d attempt end(s): %s; retrying",
+                          len(self._ends), exc.strerror or exc)
+            self._tell([r for r in self._ends if r.key not in self._told])
             self._flush_scheduled = True
             self._retry = min(self._retry * 2, MAX_RETRY) if self._retry else 0.1
             asyncio.get_running_loop().call_later(self._retry, self._flush)
             return
+        if self._retry:
+            log.warning("keeper: attempt ends recorded again")
         self._retry = 0.0
         ends, self._ends = self._ends, []
-        for record in ends:
-            self._send(KEnded(record=record))
+        self._tell([r for r in ends if r.key not in self._told])
+        self._told.clear()
         self._check_idle()
+
+    def _tell(self, records: list[ExitRecord]) -> None:
+        for record in records:
+            self._send(KEnded(record=record))
+            self._told.add(record.key)
 
     def _check_idle(self) -> None:
         if self.writer is None and not self.executor.attempts and not self._ends:
