@@ -54,16 +54,6 @@ class IllegalTransition(WfdError):
     exit_code = EXIT_CORRUPT
 
 
-class LogCorrupt(WfdError):
-    """A run's event log is damaged somewhere other than its last line.
-
-    The run is marked CORRUPT and left alone; `wfctl replay` names the line.
-    Repair or remove the run directory by hand.
-    """
-
-    exit_code = EXIT_CORRUPT
-
-
 class StorageError(WfdError):
     """An event could not be persisted (ENOSPC, EIO, EFBIG).
 
@@ -72,20 +62,3 @@ class StorageError(WfdError):
     """
 
     exit_code = EXIT_STORAGE
-
-
-class ProtocolError(WfdError):
-    """A frame on the socket is malformed, oversize or of another protocol version.
-
-    The daemon answers with an error or closes that connection; other clients
-    are not affected.
-    """
-
-
-class DaemonUnreachable(WfdError):
-    """No daemon answers on the socket, or it refused this user.
-
-    Start one (`wfd`, `systemctl start wfd`) or check `--socket`.
-    """
-
-    exit_code = EXIT_UNREACHABLE
