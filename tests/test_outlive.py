@@ -466,7 +466,8 @@ def test_a_lost_attempts_leftovers_get_sigterm_then_its_leaf_is_emptied(
         assert final["state"] == "SUCCEEDED" and final["steps"]["s"]["attempts"] == 2, final
         assert term.read_text() == "TERM\n", "the lost attempt's leader got no SIGTERM"
         assert gone(escaped.pid), "a lost attempt's process outside its session survived"
-        assert run_json(d, run_id)["steps"]["s"]["containment"] == "cgroup"
+        assert [e.get("containment") for e in of(events(d, run_id), "s", "AttemptStarted")] == [
+            "cgroup", "cgroup"]
     finally:
         if not gone(escaped.pid):
             escaped.kill()  # psutil refuses a pid that was reused since
@@ -502,3 +503,20 @@ def test_an_attempt_claimed_but_never_sent_to_the_keeper_starts_once_and_is_not_
     assert final["steps"]["once"]["attempts"] == 1, final
     assert runs.read_text() == "1\n"  # it ran once
     assert [e["type"] for e in of(events(d, run_id), "once", *ENDS)] == ["AttemptSucceeded"]
+
+
+def test_an_attempt_that_ends_at_once_still_reports_its_cgroup(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    """A leader that exits before the keeper reports its start is still said to have run
+    in its cgroup leaf (the keeper asks at the spawn, not once it is over)."""
+    if (why := _why_no_cgroups()) is not None:
+        pytest.skip(why)
+    wf = write_workflow(wfd_tmp, {"steps": [{"id": f"s{i}", "command": ["true"]}
+                                            for i in range(12)]})
+    d = daemon()
+    run_id = d.submit(wf, "--wait")
+    status = run_json(d, run_id)
+    assert status["state"] == "SUCCEEDED", status
+    said = {sid: step["containment"] for sid, step in status["steps"].items()}
+    assert set(said.values()) == {"cgroup"}, said

@@ -378,6 +378,8 @@ class Keeper:
         if msg.timeout is not None:
             self.timers[key] = asyncio.get_running_loop().call_later(
                 msg.timeout, self.executor.kill, key, "timeout")
+        # Asked now: by the time the start is reported, a quick attempt may be over.
+        info = info._replace(containment=self.executor.containment(key))
         self._unreported.append((key, info))
         if len(self._unreported) == 1:
             asyncio.get_running_loop().call_soon(self._report_starts)
@@ -391,7 +393,7 @@ class Keeper:
             self._send(KStarted(run_id=key.run_id, step=key.step, attempt=key.attempt,
                                 pid=info.pid, start_time=info.start_time or 0.0,  # type: ignore[attr-defined]
                                 boot_id=info.boot_id,  # type: ignore[attr-defined]
-                                containment=self.executor.containment(key)))
+                                containment=info.containment or "session"))  # type: ignore[attr-defined]
 
     def _ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
                start_error: str | None = None, usage: tuple[float, int] | None = None) -> None:
