@@ -502,8 +502,12 @@ async def _main(keeper_dir: Path) -> int:
         if stop.is_set():
             await keeper.stop()
             break
-        await asyncio.sleep(LINGER)  # a restarting daemon connects again in this time
-        if keeper.idle.is_set():
+        try:  # a restarting daemon connects again in this time; a SIGTERM ends it
+            await asyncio.wait_for(stop.wait(), LINGER)
+        except asyncio.TimeoutError:
+            pass
+        if keeper.idle.is_set() or stop.is_set():
+            await keeper.stop()
             break
     server.close()
     try:
