@@ -394,7 +394,8 @@ class Engine:
     def _claim(self, action: scheduler.Start) -> None:
         key = AttemptKey(action.run_id, action.step, action.attempt)
         self._record(key.run_id, ev.AttemptClaimed, {"step": key.step, "attempt": key.attempt})
-        self.committer.open_log_after(key)
+        if getattr(self.executor, "wants_log_fd", True):  # the keeper opens its own
+            self.committer.open_log_after(key)
         self.after_commit(lambda: self._spawn(key))
 
     def _grace(self, run: st.RunState, step_index: int) -> float:

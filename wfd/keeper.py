@@ -37,6 +37,7 @@ import signal
 import struct
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
@@ -240,7 +241,9 @@ def keeper_alive(keeper_dir: Path) -> bool:
 
 class Journal:
     """Exit records, appended and fdatasync'd in groups (one sync per loop iteration's
-    worth of ends), each before the ends it holds are told to the daemon."""
+    worth of ends). The daemon is told an end once its line is in the file, while the
+    sync runs: the keeper still holds it, and the daemon's own fsync of the outcome
+    overlaps the keeper's instead of waiting behind it."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -250,14 +253,16 @@ class Journal:
         self.size = os.fstat(self.fd).st_size  # the whole lines written so far
         self.unacked: dict[AttemptKey, ExitRecord] = {}
 
-    def append(self, records: list[ExitRecord]) -> None:
-        """Write and sync whole lines; on failure cut back to the last whole one, so a
-        retry never leaves half a line before a whole one."""
+    def append(self, records: list[ExitRecord],
+               written: Callable[[], None] = lambda: None) -> None:
+        """Write whole lines, call `written`, sync; on failure cut back to the last whole
+        line, so a retry never leaves half a line before a whole one."""
         data = b"".join(msgspec.json.encode(r) + b"\n" for r in records)
         view = memoryview(data)
         try:
             while view:
                 view = view[os.write(self.fd, view):]
+            written()
             os.fdatasync(self.fd)
         except OSError:
             try:
@@ -415,13 +420,15 @@ class Keeper:
             asyncio.get_running_loop().call_soon(self._flush)
 
     def _flush(self) -> None:
-        """Make the ends durable in one sync, then tell the daemon. A failed write (ENOSPC,
-        EIO) keeps them in memory and tries again with backoff until it succeeds; the
-        daemon is told meanwhile (once), so that it records them in its own log if it
-        can, and shows the storage error if it cannot. Nothing is dropped."""
+        """Make the ends durable in one sync, telling the daemon once their lines are in
+        the file. A failed write or sync (ENOSPC, EIO) keeps them in memory and tries again
+        with backoff until it succeeds; the daemon is told meanwhile (once), so that it
+        records them in its own log if it can, and shows the storage error if it cannot.
+        Nothing is dropped."""
         self._flush_scheduled = False
         try:
-            self.journal.append(self._ends)
+            self.journal.append(self._ends, lambda: self._tell(
+                [r for r in self._ends if r.key not in self._told]))
         except OSError as exc:
             if not self._retry:
                 log.error("keeper: cannot record %d attempt end(s): %s; retrying",
@@ -434,8 +441,7 @@ class Keeper:
         if self._retry:
             log.warning("keeper: attempt ends recorded again")
         self._retry = 0.0
-        ends, self._ends = self._ends, []
-        self._tell([r for r in ends if r.key not in self._told])
+        self._ends = []
         self._told.clear()
         self._check_idle()
 

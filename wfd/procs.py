@@ -488,26 +488,26 @@ class LocalExecutor:
 
     def _claim(self, attempts: list[_Attempt]) -> None:
         """Bring each of `attempts`' members up to date: drop those gone, add the processes
-        below the daemon that are its (see the module's doc) and not yet known. One pass
-        over /proc serves them all."""
+        that are its and not yet known. An attempt in a cgroup leaf of its own: what is in
+        the leaf, and nothing else (a small file read, no scan). The others: the processes
+        below the daemon that are theirs (see the module's doc), one pass over /proc for
+        them all."""
         if not attempts:
             return
         for attempt in attempts:
             attempt.members = {p.pid: p for p in alive(attempt.members.values())}
-        table = proc_table(self._scan_floor(attempts))
+        scanned = [a for a in attempts if a.cgroup is None or self.cgroups is None]
+        for attempt in attempts:
+            if attempt not in scanned:
+                self._claim_leaf(attempt)
+        if not scanned:
+            return
+        table = proc_table(self._scan_floor(scanned))
         # Only an unreaped leader's session id is proof: see the module's doc.
         sessions = {a.pid: a for a in self.attempts.values() if not a.reaped}
-        wanted = {a.key.marks(): a for a in attempts}
-        targets = set(attempts)
+        wanted = {a.key.marks(): a for a in scanned}
+        targets = set(scanned)
         known = set(self.by_pid).union(*(a.members for a in attempts))
-        for attempt in attempts:  # everything in its cgroup is its, whatever it did
-            if attempt.cgroup is not None and self.cgroups is not None:
-                for pid in self.cgroups.pids(attempt.cgroup):
-                    if pid not in known and pid != attempt.pid:
-                        try:
-                            attempt.members[pid] = psutil.Process(pid)
-                        except psutil.Error:
-                            pass
         for pid in descendants(table, [self.pid]):
             if pid in known:
                 continue
@@ -520,6 +520,16 @@ class LocalExecutor:
             proc = process_of(pid, owner.uid)
             if proc is not None:
                 owner.members[pid] = proc
+
+    def _claim_leaf(self, attempt: _Attempt) -> None:
+        """Everything in the attempt's cgroup leaf is its, whatever it did (setsid, env -i,
+        double fork): only its leader's pid is left to the reaper."""
+        for pid in self.cgroups.pids(attempt.cgroup):  # type: ignore[union-attr,arg-type]
+            if pid not in attempt.members and pid not in self.by_pid:
+                try:
+                    attempt.members[pid] = psutil.Process(pid)
+                except psutil.Error:
+                    pass
 
     def _scan_floor(self, attempts: list[_Attempt]) -> int:
         """The lowest pid that can belong to `attempts`: every process of an attempt, and
