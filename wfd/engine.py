@@ -713,7 +713,8 @@ class Engine:
         run's fields only (the server streams the steps: `st.step_statuses`)."""
         status = st.run_status(run, steps)
         error = self.storage_error
-        if error is not None and not run.finished or self.durable_seq(run.run_id) < run.last_seq:
+        undurable = self.durable_seq(run.run_id) < run.last_seq
+        if (error is not None and not run.finished) or undurable:
             if run.finished and run.state != st.CORRUPT:
                 status.state, status.finished_at = st.RUNNING, None
             status.error = error or status.error
@@ -724,7 +725,7 @@ class Engine:
         run = self.runs.get(summary.run_id)
         if run is None:
             return summary
-        status = self.status(run)
+        status = self.status(run, steps=False)  # a list must not cost every run's steps
         if status.state == summary.state and status.error is None:
             return summary
         return st.RunSummary(run_id=summary.run_id, name=summary.name, owner=summary.owner,
