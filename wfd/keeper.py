@@ -474,7 +474,7 @@ def _hold_lock(keeper_dir: Path) -> int:
 
 
 async def _main(keeper_dir: Path) -> int:
-    lock_fd = _hold_lock(keeper_dir)
+    _hold_lock(keeper_dir)  # held until the process exits (see the end)
     keeper = Keeper(keeper_dir)
     loop = asyncio.get_running_loop()
     keeper.executor.install(loop)
@@ -523,7 +523,8 @@ async def _main(keeper_dir: Path) -> int:
     keeper.journal.close()
     if keeper.executor.cgroups is not None:
         keeper.executor.cgroups.close()
-    os.close(lock_fd)
+    # The lock fd stays open: the lock goes with the process itself, so "no keeper holds the
+    # lock" means no keeper process is left (a daemon or a test may rely on that).
     return 0
 
 
