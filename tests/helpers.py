@@ -373,3 +373,16 @@ def replay_events(d: Daemon, run_id: str) -> list[dict]:
     done = d.wfctl("replay", run_id, "--json")
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout)["events"]
+
+
+def why_no_cgroups() -> str | None:
+    """Why a cgroup leaf per attempt cannot be had here (a skip reason), or None."""
+    from wfd.cgroups import AttemptCgroups
+
+    if os.geteuid() != 0:
+        return "needs root to make cgroups"
+    probe = AttemptCgroups.find(f"wfd-test-probe-{os.getpid()}")
+    if probe is None:
+        return "no writable cgroup2 hierarchy here"
+    probe.close()
+    return None

@@ -15,25 +15,21 @@ from pathlib import Path
 
 import psutil
 import pytest
-from helpers import Daemon, pid_gone, run_json, wait_for_state, wait_until, write_workflow
-
-from wfd.cgroups import AttemptCgroups
+from helpers import (
+    Daemon,
+    pid_gone,
+    run_json,
+    wait_for_state,
+    wait_until,
+    why_no_cgroups,
+    write_workflow,
+)
 
 ENDED = ("SUCCEEDED", "FAILED", "CANCELLED")
 
 
-def _why_no_cgroups() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root to make cgroups"
-    probe = AttemptCgroups.find(f"wfd-test-probe-{os.getpid()}")
-    if probe is None:
-        return "no writable cgroup2 hierarchy here"
-    probe.close()
-    return None
-
-
-pytestmark = pytest.mark.skipif(_why_no_cgroups() is not None,
-                                reason=_why_no_cgroups() or "")
+pytestmark = pytest.mark.skipif(why_no_cgroups() is not None,
+                                reason=why_no_cgroups() or "")
 
 
 def escapee(pid_file: Path, then: str) -> str:

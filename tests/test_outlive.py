@@ -29,6 +29,7 @@ from helpers import (
     run_json,
     wait_for_state,
     wait_until,
+    why_no_cgroups,
     write_workflow,
 )
 
@@ -426,25 +427,13 @@ def test_a_keeper_whose_starter_died_before_its_ready_line_still_serves(sandbox)
 # ---- a lost attempt's leftovers: SIGTERM first, then its whole cgroup leaf -------------
 
 
-def _why_no_cgroups() -> str | None:
-    from wfd.cgroups import AttemptCgroups
-
-    if os.geteuid() != 0:
-        return "needs root to make cgroups"
-    probe = AttemptCgroups.find(f"wfd-test-probe-{os.getpid()}")
-    if probe is None:
-        return "no writable cgroup2 hierarchy here"
-    probe.close()
-    return None
-
-
 def test_a_lost_attempts_leftovers_get_sigterm_then_its_leaf_is_emptied(
     daemon: Callable[..., Daemon], wfd_tmp: Path,
 ) -> None:
     """The keeper is killed, the step's processes are not: the next daemon kills them as
     every kill goes (SIGTERM, kill_grace, SIGKILL) and, with a cgroup leaf per attempt,
     also what left the session and dropped the marks, before attempt 2 runs."""
-    if (why := _why_no_cgroups()) is not None:
+    if (why := why_no_cgroups()) is not None:
         pytest.skip(why)
     term, escaped_file = wfd_tmp / "term", wfd_tmp / "escaped"
     wf = write_workflow(wfd_tmp, {"steps": [{"id": "s", "kill_grace": 2, "command": (
@@ -510,7 +499,7 @@ def test_an_attempt_that_ends_at_once_still_reports_its_cgroup(
 ) -> None:
     """A leader that exits before the keeper reports its start is still said to have run
     in its cgroup leaf (the keeper asks at the spawn, not once it is over)."""
-    if (why := _why_no_cgroups()) is not None:
+    if (why := why_no_cgroups()) is not None:
         pytest.skip(why)
     wf = write_workflow(wfd_tmp, {"steps": [{"id": f"s{i}", "command": ["true"]}
                                             for i in range(12)]})
