@@ -136,6 +136,16 @@ class Backoff(_Model, frozen=True):
 _DEFAULT_BACKOFF = Backoff()
 
 
+class SlurmOptions(_Model, frozen=True):
+    """What a Slurm step asks of `sbatch`; None leaves Slurm's (or the site's) default."""
+
+    partition: str | None = None
+    time: str | None = None  # Slurm's time format; None: from the step's timeout
+    cpus: int | None = None  # --cpus-per-task
+    mem: str | None = None  # --mem: megabytes, or with a K, M, G or T suffix
+    extra: tuple[str, ...] = ()  # further sbatch options, each one "--name[=value]"
+
+
 class Step(_Model, frozen=True, gc=False):
     """One step, with the workflow's `defaults` already merged in."""
 
@@ -150,6 +160,9 @@ class Step(_Model, frozen=True, gc=False):
     on_lost: str = "rerun"
     env: dict[str, str] = {}  # defaults.env merged under the step's own env
     cwd: str | None = None  # as written; None is the workflow's directory
+    # Where its attempts run: "local" (the keeper) or "slurm" (a batch job, docs/slurm.md).
+    executor: str = "local"
+    slurm: SlurmOptions | None = None  # defaults.slurm merged field by field under the step's
 
 
 class Workflow(_Model, frozen=True, gc=False):
@@ -519,6 +532,93 @@ def _check_on_lost(v: object) -> str:
     raise _bad('expected "rerun" or "fail"', v)
 
 
+EXECUTORS = ("local", "slurm")
+
+
+def _check_executor(v: object) -> str:
+    if v in EXECUTORS and type(v) is str:
+        return v  # type: ignore[return-value]
+    raise _bad('expected "local" or "slurm"', v)
+
+
+# Slurm's --time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)).
+_SLURM_TIME_RE = re.compile(r"(\d+-\d+(:\d+){0,2}|\d+(:\d+){0,2})")
+_SLURM_MEM_RE = re.compile(r"[1-9]\d{0,15}[KMGT]?")
+_SLURM_WORD_RE = re.compile(r"[A-Za-z0-9_.:+-]{1,200}")
+
+
+def _check_slurm_word(v: object) -> str:
+    if type(v) is str and _SLURM_WORD_RE.fullmatch(v):
+        return v
+    raise _bad("expected a name of letters, digits and _.:+- (at most 200)", v)
+
+
+def _check_slurm_time(v: object) -> str:
+    if type(v) is int and 1 <= v <= MAX_SECONDS:
+        return str(v)  # minutes, as sbatch reads a bare number
+    if type(v) is str and _SLURM_TIME_RE.fullmatch(v) and len(v) <= 32:
+        return v
+    raise _bad('expected minutes (an integer >= 1) or Slurm\'s "D-HH:MM:SS" forms', v)
+
+
+def _check_slurm_cpus(v: object) -> int:
+    if type(v) is int and 1 <= v <= 1_000_000:
+        return v
+    raise _bad("expected an integer from 1 to 1000000", v)
+
+
+def _check_slurm_mem(v: object) -> str:
+    if type(v) is int and 1 <= v <= 2**53:
+        return str(v)  # megabytes
+    if type(v) is str and _SLURM_MEM_RE.fullmatch(v):
+        return v
+    raise _bad('expected megabytes (an integer >= 1) or a size like "512M", "4G"', v)
+
+
+def _check_slurm_extra(v: object) -> tuple[str, ...]:
+    if type(v) is not list:
+        raise _bad("expected a list of sbatch options", v)
+    items: list[tuple[str, str]] = []
+    for j, arg in enumerate(v):
+        # Long options only: a bare word would be taken as the job script's path.
+        if type(arg) is not str or not arg.startswith("--") or len(arg) < 3 \
+                or CONTROL_RE.search(arg) or len(arg) > 4096:
+            items.append((f"[{j}]", f'expected an sbatch option "--name[=value]", '
+                                    f"got {_show(arg)}"))
+    if items:
+        raise _Bad(items)
+    return tuple(v)
+
+
+_SLURM_CHECKS: dict[str, Callable[[object], object]] = {
+    "partition": _check_slurm_word,
+    "time": _check_slurm_time,
+    "cpus": _check_slurm_cpus,
+    "mem": _check_slurm_mem,
+    "extra": _check_slurm_extra,
+}
+
+
+def _check_slurm(v: object) -> dict[str, object]:
+    """The Slurm options given, checked; merged field by field later."""
+    if type(v) is not dict:
+        raise _bad("expected an object", v)
+    out: dict[str, object] = {}
+    items: list[tuple[str, str]] = []
+    for key, value in v.items():
+        check = _SLURM_CHECKS.get(key)
+        if check is None:
+            items.append((_key(key), "unknown field"))
+            continue
+        try:
+            out[key] = check(value)
+        except _Bad as e:
+            items.extend((_key(key) + sub, why) for sub, why in e.items)
+    if items:
+        raise _Bad(items)
+    return out
+
+
 def _check_initial(v: object) -> float:
     return _seconds(v, 0, strict=True)
 
@@ -672,6 +772,8 @@ _SHARED_CHECKS: dict[str, Callable[[object], object]] = {
     "on_lost": _check_on_lost,
     "cwd": _check_cwd,
     "env": _check_env,
+    "executor": _check_executor,
+    "slurm": _check_slurm,
 }
 
 _STEP_CHECKS: dict[str, Callable[[object], object]] = {
@@ -888,6 +990,9 @@ class _Merger:
         self.on_lost = defaults.get("on_lost", "rerun")
         self.cwd = defaults.get("cwd")
         self.env: dict[str, str] = defaults.get("env", {})  # type: ignore[assignment]
+        self.executor = defaults.get("executor", "local")
+        self.dslurm: dict[str, object] = defaults.get("slurm", {})  # type: ignore[assignment]
+        self.slurm = SlurmOptions(**self.dslurm) if self.dslurm else None  # type: ignore[arg-type]
 
     def steps(self, raws: list[dict[str, object]]) -> tuple[Step, ...]:
         # Raw values passed validation: only lists become tuples, ints floats.
@@ -911,6 +1016,8 @@ class _Merger:
                         on_lost=on_lost,  # type: ignore[arg-type]
                         env=dict(env),  # no two steps share a mutable dict
                         cwd=cwd,  # type: ignore[arg-type]
+                        executor=self.executor,  # type: ignore[arg-type]
+                        slurm=self.slurm,
                     )
                 )
             else:
@@ -935,7 +1042,15 @@ class _Merger:
             on_lost=get("on_lost", self.on_lost),  # type: ignore[arg-type]
             env={**self.env, **get("env", {})},  # type: ignore[dict-item]
             cwd=get("cwd", self.cwd),  # type: ignore[arg-type]
+            executor=get("executor", self.executor),  # type: ignore[arg-type]
+            slurm=self._slurm(get("slurm")),  # type: ignore[arg-type]
         )
+
+    def _slurm(self, own: dict[str, object] | None) -> SlurmOptions | None:
+        if not own:
+            return self.slurm
+        own = {key: _SLURM_CHECKS[key](value) for key, value in own.items()}  # normalized
+        return SlurmOptions(**{**self.dslurm, **own})  # type: ignore[arg-type]
 
 
 def _floats(fields: dict[str, object]) -> dict[str, float]:
