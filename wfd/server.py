@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from wfd import __version__, channel
+from wfd import __version__, channel, runref
 from wfd import events as ev
 from wfd import protocol as p
 from wfd import state as st
@@ -215,14 +215,23 @@ class Server:
 
     # ---- helpers ----------------------------------------------------------------
 
-    async def run_for(self, peer: Peer, run_id: str) -> st.RunState:
-        """The run, if the peer may see it; another user's run answers like an unknown one."""
-        if not valid_run_id(run_id):
-            raise Refused(f"malformed run id {_shown(run_id)}")
-        run = await self.engine.get(run_id)
+    async def run_for(self, peer: Peer, ref: str) -> st.RunState:
+        """The run `ref` names (a run id or a short reference, `wfd.runref`), if the peer
+        may see it; another user's run answers like an unknown one."""
+        run = await self.engine.get(ref) if valid_run_id(ref) else None
+        if run is None:  # not a whole run id: resolving costs a look at every run
+            run = await self.engine.get(self.resolve(peer, ref))
         if run is None or not self.visible(peer, run):
-            raise Refused(f"no such run: {run_id}")
+            raise Refused(f"no such run: {_shown(ref)[1:-1]}")
         return run
+
+    def resolve(self, peer: Peer, ref: str) -> str:
+        """A short reference resolved among the runs the peer may see, and only those:
+        an ambiguous prefix must not list (or count) another user's runs."""
+        runs = [runref.Candidate(summary.run_id, summary.name, summary.created_at)
+                for summary, owner_uid in self.engine.summaries()
+                if peer.root or not self.system or owner_uid == peer.uid]
+        return runref.resolve(ref, runs)
 
     def visible(self, peer: Peer, run: st.RunState) -> bool:
         if peer.root or not self.system:
@@ -269,15 +278,15 @@ class Server:
         if run.finished:
             await send(p.Cancelled(run.state, True))
             return
-        await self.engine.cancel(req.run_id)
+        await self.engine.cancel(run.run_id)
         await send(p.Cancelled(run.state, False))
 
     async def replay(self, peer: Peer, req: p.Replay, send: Channel) -> None:
         """The log re-folded in a worker thread, a block at a time, from the file and the
         run's immutable workflow only; each block is sent before the next is read."""
         run = await self.run_for(peer, req.run_id)
-        path = self.engine.events_path(req.run_id)
-        if req.run_id in self.engine.ctx:
+        path = self.engine.events_path(run.run_id)
+        if run.run_id in self.engine.ctx:
             replay = Replay(path, run.workflow)
         else:  # workflow.json is unreadable: nothing to fold against
             replay = Replay(path, None, self.engine.status(run), run.error)
@@ -295,9 +304,9 @@ class Server:
         await send.send_parts(_with_steps(end, end.status, folded))
 
     async def resume(self, peer: Peer, req: p.Resume, send: Channel) -> None:
-        await self.run_for(peer, req.run_id)
-        await self.engine.resume(req.run_id)
-        await send(p.Resumed([req.run_id]))
+        run = await self.run_for(peer, req.run_id)
+        await self.engine.resume(run.run_id)
+        await send(p.Resumed([run.run_id]))
 
     async def resume_all(self, peer: Peer, req: p.ResumeAll, send: Channel) -> None:
         run_ids = await self.engine.resume_all(lambda run: self.visible(peer, run))
@@ -305,11 +314,11 @@ class Server:
 
     async def watch(self, peer: Peer, req: p.Watch, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
-        queue = self.engine.watch(req.run_id)
+        queue = self.engine.watch(run.run_id)
         try:
             # the log as it is now (read after the queue is there: nothing falls between)
             last = req.after_seq
-            history = events_after(self.engine.events_path(req.run_id), last)
+            history = events_after(self.engine.events_path(run.run_id), last)
             while True:
                 await send.reserve()  # before the block is read
                 block = await asyncio.to_thread(next, history, None)
@@ -328,7 +337,7 @@ class Server:
             header = self.engine.status(run, steps=False)
             await send.send_parts(_with_steps(p.RunEnded(header), header, run))
         finally:
-            self.engine.unwatch(req.run_id, queue)
+            self.engine.unwatch(run.run_id, queue)
 
     def _durable_seq(self, run: st.RunState) -> int:
         if run.state == st.CORRUPT:
@@ -338,7 +347,7 @@ class Server:
     async def logs(self, peer: Peer, req: p.Logs, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
         if not STEP_ID_RE.fullmatch(req.step) or req.step not in run.steps:
-            raise Refused(f"run {req.run_id} has no step {_shown(req.step)}")
+            raise Refused(f"run {run.run_id} has no step {_shown(req.step)}")
         rec = run.steps[req.step]
         if req.attempt is not None and not 1 <= req.attempt <= rec.attempts:
             raise Refused(f"step {req.step} has no attempt {req.attempt} "
@@ -347,7 +356,7 @@ class Server:
         offset = req.offset
         while True:
             if attempt >= 1:
-                offset = await self._send_log(req.run_id, req.step, attempt, offset, send)
+                offset = await self._send_log(run.run_id, req.step, attempt, offset, send)
             if not req.follow:
                 break
             if send.gone():
@@ -357,7 +366,7 @@ class Server:
                 await asyncio.sleep(LOG_POLL)
                 continue
             if attempt >= 1:
-                offset = await self._send_log(req.run_id, req.step, attempt, offset, send)
+                offset = await self._send_log(run.run_id, req.step, attempt, offset, send)
             if req.attempt is None and rec.attempts > attempt:
                 attempt, offset = attempt + 1, 0
                 continue
