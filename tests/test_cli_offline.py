@@ -654,7 +654,8 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     assert done.stdout.encode() == expected
     doc = json.loads(done.stdout, object_pairs_hook=lambda pairs: pairs)
     assert [k for k, _ in doc] == ["run_id", "name", "owner", "state", "created_at",
-                                   "finished_at", "error", "steps"]
+                                   "finished_at", "error", "steps", "schedule",
+                                   "scheduled_at", "vars"]
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",
@@ -669,7 +670,7 @@ def test_status_list_json(wfctl: Callable, fake: Callable) -> None:
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout, object_pairs_hook=lambda pairs: pairs)
     assert [k for k, _ in doc[0]] == ["run_id", "name", "owner", "state", "created_at",
-                                      "finished_at"]
+                                      "finished_at", "schedule", "scheduled_at"]
     assert msgspec.json.decode(done.stdout, type=list[RunSummary]) == runs
 
 

@@ -15,10 +15,12 @@ from wfd.events import parse_ts
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
-RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
+RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
+            "schedule", "scheduled_at", "vars"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment"]
-LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
+LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
+             "scheduled_at"]
 
 MIXED = {"name": "mixed", "steps": [
     {"id": "ok", "command": "echo fine"},

@@ -656,10 +656,12 @@ def ordered(data: bytes) -> Any:
     return json.loads(data, object_pairs_hook=lambda pairs: pairs)
 
 
-RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps"]
+RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
+            "schedule", "scheduled_at", "vars"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment"]
-SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at"]
+SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
+                "scheduled_at"]
 
 
 def test_run_status_has_the_spec_5_shape() -> None:

@@ -196,6 +196,8 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
      [(("file",), {"metavar": "FILE"})]),
     ("run", "submit a workflow; print its run id",
      [(("file",), {"metavar": "FILE"}),
+      (("vars",), {"metavar": "KEY=VALUE", "nargs": "*",
+                   "help": "a variable of every step, over the workflow's env"}),
       (("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
       (("--follow",), {"action": "store_true",
                        "help": "wait, and show each transition on stderr"})]),
@@ -329,6 +331,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from wfd import protocol
 
     text, _ = load_workflow(args.file)  # before anything is contacted
+    variables = parse_vars(args.vars)
     umask = os.umask(0o077)  # reading the umask means setting it; put it back at once
     os.umask(umask)
     base_dir = os.path.dirname(os.path.abspath(args.file))
@@ -337,7 +340,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "working directory travels to wfd as text")
     submit = protocol.Submit(
         workflow=text, source=_as_text(os.path.basename(args.file)), base_dir=base_dir,
-        env=submitted_env(), umask=umask,
+        env=submitted_env(), umask=umask, vars=variables,
     )
     size = len(protocol.encode_frame(submit)) - protocol.HEADER.size
     if size > protocol.MAX_FRAME:  # the daemon would cut us off mid-send ("Broken pipe")
@@ -355,6 +358,28 @@ def cmd_run(args: argparse.Namespace) -> int:
         say(f"wfctl: detached; run {run_id} goes on")
         return EXIT_INTERRUPTED
     return _ended(status, args.follow)
+
+
+def parse_vars(words: list[str]) -> dict[str, str]:
+    """`KEY=VALUE` arguments as a dict (a later KEY wins). A word without `=`, an empty or
+    bad name, or a WFD_* name (the daemon's own) is a usage error."""
+    from wfd.workflow import env_problems
+
+    variables: dict[str, str] = {}
+    for word in words:
+        name, eq, value = word.partition("=")
+        if not eq or not name:
+            raise UsageError(f"expected KEY=VALUE, got {word!r}")
+        if name.startswith("WFD_"):
+            raise UsageError(f"{name}: WFD_* variables are set by wfd, not by the caller")
+        if not (_is_text(name) and _is_text(value)):
+            raise UsageError(f"{name!r}: not UTF-8 (wfd carries variables as text)")
+        variables[name] = value
+    problems = env_problems(variables)
+    if problems:
+        where, why = problems[0]
+        raise UsageError(f"KEY=VALUE {where}: {why}")
+    return variables
 
 
 def submitted_env() -> dict[str, str]:
@@ -623,7 +648,13 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def _dispatch(argv: list[str]) -> int:
-    args = build_parser(argv).parse_args(argv)
+    parser = build_parser(argv)
+    args, extra = parser.parse_known_args(argv)
+    # KEY=VALUE words after an option (`run FILE --wait A=1`): argparse leaves them over.
+    if extra and hasattr(args, "vars") and not any(w.startswith("-") for w in extra):
+        args.vars = [*args.vars, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.version:
         from wfd import __version__
         from wfd.protocol import PROTOCOL

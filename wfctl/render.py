@@ -97,6 +97,11 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
         took = span(status.created_at, status.finished_at, now, False)
         head += f"  finished {local_time(status.finished_at)} ({took})"
     lines = [printable(head)]
+    if status.schedule is not None:
+        lines.append(printable(f"schedule {status.schedule}  slot "
+                               f"{local_time(status.scheduled_at)} ({status.scheduled_at})"))
+    if status.vars:
+        lines.append(printable("vars " + " ".join(f"{k}={v}" for k, v in status.vars.items())))
     if status.error:
         lines.append(f"error: {printable(status.error)}")
     rows = [
@@ -115,15 +120,25 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
 
 
 def runs_lines(runs: list[RunSummary], now: float | None) -> list[str]:
-    """A table of runs, oldest first as the daemon sends them."""
+    """A table of runs, oldest first as the daemon sends them; a SCHEDULE column (the
+    schedule and slot a run came from) when any run came from a schedule."""
+    scheduled = any(run.schedule is not None for run in runs)
     rows = [
         [
             run.run_id, run.name, run.state, run.owner, local_time(run.created_at),
             span(run.created_at, run.finished_at, now, run.state == RUNNING),
+            *([_schedule_cell(run)] if scheduled else []),
         ]
         for run in runs
     ]
-    return table(["RUN_ID", "NAME", "STATE", "OWNER", "CREATED", "DURATION"], rows)
+    header = ["RUN_ID", "NAME", "STATE", "OWNER", "CREATED", "DURATION"]
+    return table(header + (["SCHEDULE"] if scheduled else []), rows)
+
+
+def _schedule_cell(run: RunSummary) -> str:
+    if run.schedule is None:
+        return "-"
+    return f"{run.schedule}@{local_time(run.scheduled_at)}"
 
 
 def summary_line(status: RunStatus) -> str:

@@ -42,7 +42,7 @@ from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartF
 from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
-from wfd.workflow import Workflow, parse_workflow
+from wfd.workflow import parse_workflow
 
 log = logging.getLogger("wfd")
 
@@ -75,10 +75,11 @@ def _micros_of(run_id: str) -> int:
         return -1
 
 
-def step_env(ctx: RunCtx, wf: Workflow, index: int, key: AttemptKey) -> dict[str, str]:
+def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey) -> dict[str, str]:
     """Client env (variables meant for the daemon removed, the owner's passwd fields
     winning over the client's), then workflow env, then defaults.env and the step's env,
-    then the marks."""
+    then the run's KEY=VALUE vars, then the schedule's slot and the marks."""
+    wf = run.workflow
     env = {
         k: v for k, v in ctx.sub.env.items()
         if k not in DAEMON_ONLY and not k.startswith(DAEMON_ONLY_PREFIXES)
@@ -86,6 +87,10 @@ def step_env(ctx: RunCtx, wf: Workflow, index: int, key: AttemptKey) -> dict[str
     env.update(ctx.login)
     env.update(wf.env)
     env.update(wf.steps[index].env)
+    env.update(run.vars)
+    if run.schedule is not None:
+        env["WFD_SCHEDULE"] = run.schedule
+        env["WFD_SCHEDULED_AT"] = st.slot_ts(run.slot) or ""
     env[MARK_RUN], env[MARK_STEP], env[MARK_ATTEMPT] = key.marks()
     return env
 
@@ -427,7 +432,7 @@ class Engine:
                                    start_error=f"cannot open log: {exc.strerror}")
                 return
         spec = AttemptSpec(
-            key=key, argv=step_argv(step.command), env=step_env(ctx, run.workflow, rec.index, key),
+            key=key, argv=step_argv(step.command), env=step_env(ctx, run, rec.index, key),
             cwd=step_cwd(ctx.sub, step.cwd), log_fd=log_fd, umask=ctx.sub.umask,
             kill_grace=self._grace(run, rec.index), user=ctx.user,
             timeout=step.timeout,
@@ -500,9 +505,11 @@ class Engine:
     # ---- requests -----------------------------------------------------------------
 
     async def submit(self, workflow_text: str, source: str, base_dir: str, env: dict[str, str],
-                     umask: int, uid: int, gid: int) -> str:
+                     umask: int, uid: int, gid: int, vars: dict[str, str] | None = None,
+                     ) -> str:
         """Validate a submission (off the loop), make its workflow.json durable, record
-        the run's first event; return the run id once that event is durable."""
+        the run's first event (with `vars`, the KEY=VALUE of `wfctl run`); return the run
+        id once that event is durable."""
         self._refuse_new_runs()
         owner_uid = uid if self.system else self.uid
         self._check_run_limit(owner_uid)
@@ -526,7 +533,8 @@ class Engine:
         self.runs[run_id] = st.RunState(wf)
         self.committer.add_run(run_id, 0, 0)
         self._record(run_id, ev.RunCreated, {"run_id": run_id, "name": wf.name,
-                                             "owner": sub.owner, "owner_uid": sub.uid})
+                                             "owner": sub.owner, "owner_uid": sub.uid,
+                                             "vars": dict(vars or {})})
         self.sched.drive(run_id)
         self.kick()
         await self.flushed()
@@ -730,7 +738,8 @@ class Engine:
             return summary
         return st.RunSummary(run_id=summary.run_id, name=summary.name, owner=summary.owner,
                              state=status.state, created_at=summary.created_at,
-                             finished_at=status.finished_at)
+                             finished_at=status.finished_at, schedule=summary.schedule,
+                             scheduled_at=summary.scheduled_at)
 
     async def stop(self, stop_steps: bool = True) -> None:
         """Stop: with `stop_steps` (or an executor whose attempts die with the daemon)

@@ -38,6 +38,12 @@ class RunCreated(Event, tag=True, kw_only=True, omit_defaults=False):
     name: str
     owner: str
     owner_uid: int
+    # `wfctl run FILE KEY=VALUE...` (and a schedule's): variables of every step, over
+    # every level of the workflow's env; kept apart from the client's environment.
+    vars: dict[str, str] = {}
+    # The schedule whose slot this run is, and the slot (epoch seconds, UTC).
+    schedule: str | None = None
+    slot: float | None = None
 
 
 class StepReady(Event, tag=True, kw_only=True):

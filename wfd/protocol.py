@@ -38,7 +38,7 @@ import msgspec
 from wfd.events import AnyEvent
 from wfd.state import RunStatus, RunSummary, StepStatus
 
-PROTOCOL = 2
+PROTOCOL = 3
 MAX_FRAME = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
 PART_SIZE = 256 * 1024  # bytes of items the daemon puts in one part (at least one item)
@@ -76,13 +76,15 @@ class Submit(Message):
     """Start a run of `workflow` (the file's text) as the peer's uid.
 
     `source` is the file's name (the run's default name); `base_dir` the directory
-    relative `cwd`s resolve against; `env` and `umask` the submitting client's."""
+    relative `cwd`s resolve against; `env` and `umask` the submitting client's;
+    `vars` the KEY=VALUE arguments, over every level of the workflow's env (protocol 3)."""
 
     workflow: str
     source: str
     base_dir: str
     env: dict[str, str]
     umask: Umask
+    vars: dict[str, str] = {}
 
 
 class Status(Message):

@@ -248,7 +248,8 @@ class Server:
         check_submission(req)
         # workflow.json is durable before the first event, the first event before the reply.
         run_id = await self.engine.submit(
-            req.workflow, req.source, req.base_dir, req.env, req.umask, peer.uid, peer.gid
+            req.workflow, req.source, req.base_dir, req.env, req.umask, peer.uid, peer.gid,
+            req.vars,
         )
         await send(p.Submitted(run_id))
 
@@ -442,8 +443,18 @@ def check_submission(req: p.Submit) -> None:
     if "\0" in req.base_dir or not os.path.isabs(req.base_dir):
         problems.append(f"base_dir must be an absolute path, got {_shown(req.base_dir)}")
     problems += [f"env{where}: {why}" for where, why in env_problems(req.env)]
+    problems += vars_problems(req.vars)
     if problems:
         raise UsageError("bad request: " + "; ".join(problems[:5]))
+
+
+def vars_problems(variables: dict[str, str]) -> list[str]:
+    """KEY=VALUE variables: the rules of an environment, and no WFD_* name (those are the
+    daemon's: a run's marks, its schedule's slot)."""
+    problems = [f"vars{where}: {why}" for where, why in env_problems(variables)]
+    problems += [f"vars[{name!r}]: WFD_* variables are set by wfd, not by the caller"
+                 for name in variables if name.startswith("WFD_")]
+    return problems
 
 
 def _read_chunk(path, offset: int) -> bytes:

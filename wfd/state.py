@@ -103,6 +103,9 @@ class RunStatus(msgspec.Struct):
     finished_at: str | None
     error: str | None
     steps: dict[str, StepStatus]
+    schedule: str | None = None  # the schedule that fired this run, if one did
+    scheduled_at: str | None = None  # its slot, UTC RFC 3339
+    vars: dict[str, str] = {}  # KEY=VALUE given to `wfctl run` or the schedule
 
 
 class RunSummary(msgspec.Struct):
@@ -114,6 +117,8 @@ class RunSummary(msgspec.Struct):
     state: str
     created_at: str | None
     finished_at: str | None
+    schedule: str | None = None
+    scheduled_at: str | None = None
 
 
 class StepRec:
@@ -154,7 +159,7 @@ class RunState:
     __slots__ = (
         "workflow", "run_id", "name", "owner", "owner_uid", "format", "state", "created_at",
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
-        "retry_wait", "promotable", "skippable", "counts",
+        "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -170,6 +175,9 @@ class RunState:
         self.error: str | None = None
         self.cancelling = False
         self.last_seq = 0
+        self.vars: dict[str, str] = {}
+        self.schedule: str | None = None
+        self.slot: float | None = None
         self.steps: dict[str, StepRec] = {
             step.id: StepRec(step.id, i, len(workflow.deps[i]))
             for i, step in enumerate(workflow.steps)
@@ -389,6 +397,9 @@ def _run_created(run: RunState, event: ev.RunCreated) -> None:
     run.owner_uid = event.owner_uid
     run.format = event.format
     run.created_at = event.ts
+    run.vars = event.vars
+    run.schedule = event.schedule
+    run.slot = event.slot
     for rec in run.steps.values():
         if rec.waiting == 0:
             run.promotable[rec.id] = None
@@ -486,7 +497,15 @@ def run_status(run: RunState, steps: bool = True) -> RunStatus:
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at, error=run.error,
         steps=dict(step_statuses(run)) if steps else {},
+        schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
     )
+
+
+def slot_ts(slot: float | None) -> str | None:
+    """A schedule slot as shown and given to steps: UTC RFC 3339, to the second."""
+    if slot is None:
+        return None
+    return ev.format_ts(slot).split(".")[0] + "Z"
 
 
 def step_statuses(run: RunState) -> Iterator[tuple[str, StepStatus]]:
@@ -499,6 +518,7 @@ def run_summary(run: RunState) -> RunSummary:
     return RunSummary(
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at,
+        schedule=run.schedule, scheduled_at=slot_ts(run.slot),
     )
 
 

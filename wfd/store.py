@@ -72,7 +72,8 @@ def peek(layout: Layout, run_id: str) -> Stub | None:
             or first.seq != 1 or first.run_id != run_id):
         return None
     summary = st.RunSummary(run_id=run_id, name=first.name, owner=first.owner,
-                            state=last.state, created_at=first.ts, finished_at=last.ts)
+                            state=last.state, created_at=first.ts, finished_at=last.ts,
+                            schedule=first.schedule, scheduled_at=st.slot_ts(first.slot))
     return Stub(summary, first.owner_uid)
 
 
