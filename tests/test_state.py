@@ -31,7 +31,7 @@ STEP_STATES = (
 STEP_EVENTS: tuple[type[ev.Event], ...] = (
     ev.StepReady, ev.AttemptClaimed, ev.AttemptStarted, ev.AttemptSucceeded,
     ev.AttemptFailed, ev.StepFailed, ev.AttemptInterrupted, ev.RetryDue,
-    ev.StepSkipped, ev.StepCancelled,
+    ev.StepSkipped, ev.StepCancelled, ev.AttemptSubmitting, ev.AttemptSubmitted,
 )
 RUN_EVENTS: tuple[type[ev.Event], ...] = (
     ev.RunCreated, ev.RunCancelRequested, ev.RunFinished, ev.RunResumed,
@@ -45,6 +45,9 @@ SPEC_TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
     (st.READY, ev.AttemptClaimed): st.RUNNING,
     (st.READY, ev.StepCancelled): st.CANCELLED,
     (st.RUNNING, ev.AttemptStarted): st.RUNNING,
+    # a batch attempt's intent and job id (issue 17): nothing moves
+    (st.RUNNING, ev.AttemptSubmitting): st.RUNNING,
+    (st.RUNNING, ev.AttemptSubmitted): st.RUNNING,
     (st.RUNNING, ev.AttemptSucceeded): st.SUCCEEDED,
     (st.RUNNING, ev.AttemptFailed): st.RETRY_WAIT,
     (st.RUNNING, ev.StepFailed): st.FAILED,
@@ -198,6 +201,10 @@ def step_event_fields(story: Story, kind: type[ev.Event], step: str) -> dict[str
         fields.update(attempt=current, pid=99, start_time=T0, boot_id="boot-1")
     elif kind is ev.AttemptSucceeded:
         fields["attempt"] = current
+    elif kind is ev.AttemptSubmitting:
+        fields.update(attempt=current, executor="slurm", token="0123456789abcdef")
+    elif kind is ev.AttemptSubmitted:
+        fields.update(attempt=current, job_id="42")
     elif kind is ev.AttemptFailed:
         fields.update(attempt=current, exit_code=1, error="x", retry_at=ev.format_ts(T0 + 5))
     elif kind is ev.StepFailed:
@@ -272,7 +279,7 @@ def test_every_illegal_pair_raises_and_changes_nothing(
 
 def test_all_illegal_pairs_are_covered() -> None:
     assert len(ILLEGAL_PAIRS) == len(STEP_STATES) * len(STEP_EVENTS) - len(SPEC_TRANSITIONS)
-    assert len(ILLEGAL_PAIRS) == 67
+    assert len(ILLEGAL_PAIRS) == 67 + 14  # + AttemptSubmitting/-Submitted off RUNNING
 
 
 def test_a_refused_event_leaves_the_run_usable() -> None:
@@ -659,7 +666,7 @@ def ordered(data: bytes) -> Any:
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on", "cpu", "max_rss", "containment"]
+             "depends_on", "cpu", "max_rss", "containment", "executor", "job_id"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
                 "scheduled_at"]
 
@@ -704,11 +711,13 @@ def test_run_status_values() -> None:
         "state": "SUCCEEDED", "attempts": 1, "exit_code": 0, "started_at": started,
         "finished_at": ev.format_ts(T0 + 1), "error": None, "depends_on": [],
         "cpu": None, "max_rss": None, "containment": None,
+        "executor": None, "job_id": None,
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
         "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
+        "executor": None, "job_id": None,
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"

@@ -34,8 +34,10 @@ from wfd import systemd as sd
 from wfd.engine import MAX_KILL_GRACE, Engine
 from wfd.errors import EXIT_OK, EXIT_USAGE
 from wfd.eventlog import Layout, UnsafeStateDir, check_state_dir, discard_unacknowledged
+from wfd.executors import Executors
 from wfd.kept import KeeperUnavailable, KeptExecutor
 from wfd.server import Server
+from wfd.slurm import SlurmExecutor
 
 log = logging.getLogger("wfd")
 
@@ -215,7 +217,9 @@ class Daemon:
                         max_runs_per_user=self.args.max_runs_per_user)
         loop = asyncio.get_running_loop()
         executor = KeptExecutor(self.state_dir, engine.attempt_started, engine.attempt_ended)
-        engine.executor = executor
+        engine.executor = Executors(executor, SlurmExecutor(
+            engine.attempt_submitted, engine.attempt_ended, engine.attempt_lost,
+            engine.respawn))
         try:
             await executor.connect()
         except KeeperUnavailable as exc:

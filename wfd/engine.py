@@ -27,12 +27,13 @@ import concurrent.futures
 import logging
 import os
 import random
+import secrets
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from wfd import events as ev
-from wfd import faults, scheduler, store
+from wfd import faults, scheduler, slurm, store
 from wfd import state as st
 from wfd.clock import Clock
 from wfd.committer import Batch, Committer
@@ -437,6 +438,9 @@ class Engine:
             kill_grace=self._grace(run, rec.index), user=ctx.user,
             timeout=step.timeout,
         )
+        if step.executor != "local":
+            self._submit(run, rec, spec)
+            return
         try:
             info = self.executor.start(spec)
         except StartFailed as exc:
@@ -447,6 +451,63 @@ class Engine:
                 os.close(log_fd)
         if info is not None:  # a local executor knows the pid at once
             self.attempt_started(key, info)
+
+    def respawn(self, key: AttemptKey) -> None:
+        """An executor found the attempt never started (no job by its name): start it."""
+        self._spawn(key)
+
+    def _submit(self, run: st.RunState, rec: st.StepRec, spec: AttemptSpec) -> None:
+        """A batch attempt (Slurm): its intent, with the token that names its job, durable
+        before the submission; an intent already recorded (a job its earlier daemon
+        submitted, or not, as the executor found out by that name) keeps its token."""
+        key = spec.key
+        step = run.workflow.steps[rec.index]
+        spec.executor, spec.slurm = step.executor, step.slurm
+        try:  # the log exists before the job runs: `wfctl logs` of a pending job is empty
+            os.close(self.layout.open_log_for_step(key.run_id, key.step, key.attempt))
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) else str(exc)
+            self.attempt_ended(key, None, None, start_error=f"cannot open log: {why}")
+            return
+        spec.log_path = os.fspath(self.layout.log(key.run_id, key.step, key.attempt))
+        if rec.token is not None:
+            spec.token, spec.intent_at = rec.token, 0.0
+            self.executor.start(spec)
+            return
+        spec.token, spec.intent_at = secrets.token_hex(8), self.clock.now()
+        self._record(key.run_id, ev.AttemptSubmitting, {
+            "step": key.step, "attempt": key.attempt, "executor": step.executor,
+            "token": spec.token})
+        self.after_commit(lambda: self._submit_durable(spec))
+
+    def _submit_durable(self, spec: AttemptSpec) -> None:
+        key = spec.key
+        faults.hit("slurm-intent")  # tests: a crash after the intent, before sbatch
+        run = self.runs.get(key.run_id)
+        rec = run.steps[key.step] if run is not None else None
+        if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
+            return
+        if run.cancelling or self.stopping:  # type: ignore[union-attr]
+            self.attempt_ended(key, None, "stop" if self.stopping else "cancel")
+            return
+        self.executor.start(spec)
+
+    def attempt_submitted(self, key: AttemptKey, job_id: str) -> None:
+        """The batch system accepted the attempt's job: its id, recorded once."""
+        run = self.runs.get(key.run_id)
+        rec = run.steps[key.step] if run is not None and not run.finished else None
+        if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt \
+                or rec.job_id == job_id:
+            return
+        self._record(key.run_id, ev.AttemptSubmitted, {
+            "step": key.step, "attempt": key.attempt, "job_id": job_id})
+
+    def attempt_lost(self, key: AttemptKey, why: str) -> None:
+        """The executor lost the attempt (a job gone without its record): `on_lost`."""
+        run = self.runs.get(key.run_id)
+        if run is not None and not run.finished:
+            self._lose(run, key, why)
+            self.kick()
 
     def attempt_started(self, key: AttemptKey, info: StartInfo) -> None:
         """The attempt's leader runs: AttemptStarted, once per loop iteration's spawns."""
@@ -518,6 +579,7 @@ class Engine:
             loop = asyncio.get_running_loop()
             wf = await loop.run_in_executor(self._parser, parse_workflow, workflow_text,
                                             store.default_name(source))
+            self._check_executors(wf)
             self._refuse_new_runs()
             now = self.clock.now()
             sub = Submission(
@@ -539,6 +601,18 @@ class Engine:
         self.kick()
         await self.flushed()
         return run_id
+
+    def _check_executors(self, wf: Workflow) -> None:
+        """Slurm steps: a user-mode daemon (a job cannot write into a system daemon's
+        root-only run dir) with `sbatch` on its PATH."""
+        if not any(step.executor == "slurm" for step in wf.steps):
+            return
+        if self.system:
+            raise UsageError("Slurm steps need a wfd in user mode (its state dir shared with "
+                             "the nodes, docs/slurm.md); this one runs in system mode")
+        if not slurm.sbatch_found():
+            raise UsageError("this workflow has Slurm steps, but sbatch is not on wfd's PATH "
+                             "(install the Slurm client commands)")
 
     def _check_run_limit(self, uid: int) -> None:
         """`--max-runs-per-user`: the runs of `uid` the daemon drives plus its submits in
@@ -653,9 +727,13 @@ class Engine:
                 rec = run.steps[step_id]
                 key = AttemptKey(run_id, step_id, rec.attempts)
                 claimed_at = ev.parse_ts(rec.attempt_ts) if rec.attempt_ts else None
-                stale.append(StaleAttempt(key, rec.pid, rec.start_time, rec.boot_id,
-                                          self._grace(run, rec.index), run.owner_uid,
-                                          claimed_at))
+                stale.append(StaleAttempt(
+                    key, rec.pid, rec.start_time, rec.boot_id, self._grace(run, rec.index),
+                    run.owner_uid, claimed_at,
+                    executor=rec.executor or run.workflow.steps[rec.index].executor,
+                    token=rec.token, job_id=rec.job_id,
+                    log_path=os.fspath(self.layout.log(run_id, step_id, rec.attempts)),
+                ))
             if hasattr(self.executor, "reattach"):
                 await self._reattach(run, stale)
             else:
@@ -698,13 +776,19 @@ class Engine:
             return
         why = ("the machine restarted" if entry.boot_id and entry.boot_id != BOOT_ID
                else "its keeper is gone")
+        self._lose(run, entry.key, why)
+
+    def _lose(self, run: st.RunState, key: AttemptKey, why: str) -> None:
+        """A lost attempt follows its step's `on_lost`."""
+        rec = run.steps[key.step]
+        if rec.state != st.RUNNING or rec.attempts != key.attempt:
+            return
         step = run.workflow.steps[rec.index]
         if step.on_lost == "fail":
             self._record(run.run_id, ev.StepFailed, {
-                "step": entry.key.step, "attempt": entry.key.attempt,
-                "error": f"attempt lost: {why}"})
+                "step": key.step, "attempt": key.attempt, "error": f"attempt lost: {why}"})
         else:
-            self._interrupted(run, entry.key, f"attempt lost: {why}")
+            self._interrupted(run, key, f"attempt lost: {why}")
 
     def _interrupted(self, run: st.RunState, key: AttemptKey, reason: str) -> None:
         rec = run.steps[key.step]
@@ -726,6 +810,10 @@ class Engine:
             if run.finished and run.state != st.CORRUPT:
                 status.state, status.finished_at = st.RUNNING, None
             status.error = error or status.error
+        note = getattr(self.executor, "status_note", lambda: None)()
+        if note is not None and status.error is None and any(
+                run.steps[step_id].executor for step_id in run.running):
+            status.error = note  # e.g. the Slurm controller does not answer: waiting
         return status
 
     def summary(self, summary: st.RunSummary) -> st.RunSummary:

@@ -72,6 +72,25 @@ class AttemptStarted(Event, tag=True, kw_only=True):
     containment: str | None = None
 
 
+class AttemptSubmitting(Event, tag=True, kw_only=True):
+    """RUNNING: the attempt is about to be handed to a batch system (`executor`, "slurm")
+    as the job named `wfd-<token>`; durable before the submission, so a daemon that dies
+    during it looks the job up by that name before it ever submits again."""
+
+    step: str
+    attempt: int
+    executor: str
+    token: str
+
+
+class AttemptSubmitted(Event, tag=True, kw_only=True):
+    """RUNNING: the batch system accepted the attempt's job: its id there."""
+
+    step: str
+    attempt: int
+    job_id: str
+
+
 class AttemptEnd(Event, kw_only=True):
     """Fields every event that ends an attempt may carry (none before format 1's
     accounting: defaults keep old logs readable): CPU seconds (user + system) and peak
@@ -166,6 +185,8 @@ AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
     StepCancelled,
     RunFinished,
     RunResumed,
+    AttemptSubmitting,
+    AttemptSubmitted,
 ]
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]

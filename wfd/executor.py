@@ -8,7 +8,9 @@ runs attempts as local process trees.
 Contract:
 - `start(spec)` spawns the attempt whose claim is already durable and returns
   what identifies it later (`StartInfo`, recorded in `AttemptStarted`), or
-  raises `StartFailed` with a one-line reason.
+  raises `StartFailed` with a one-line reason. An asynchronous executor returns
+  None and reports the start later (the keeper: `attempt_started`; Slurm: the
+  job id, `attempt_submitted`, its intent made durable by the engine first).
 - `identify(info)` fills in what `start` left out to return quickly (the
   leader's start time); the engine calls it off the critical path.
 - `kill(key, reason, force=False)` ends the attempt's whole tree; idempotent,
@@ -57,6 +59,14 @@ class AttemptSpec:
     kill_grace: float
     user: UserIds | None = None
     timeout: float | None = None  # for executors that enforce it themselves
+    # Chosen per step: "local" (the keeper) or "slurm" (wfd.slurm). A batch executor
+    # opens no fd: it gets the log's path, the token naming its job (its intent durable),
+    # when that intent was recorded, and the step's options for it (workflow.SlurmOptions).
+    executor: str = "local"
+    log_path: str | None = None
+    token: str | None = None
+    intent_at: float | None = None
+    slurm: object = None
 
 
 class StartInfo(NamedTuple):
@@ -81,6 +91,13 @@ class StaleAttempt(NamedTuple):
     kill_grace: float
     uid: int | None = None  # the run owner's: only processes of this uid are the attempt's
     claimed_at: float | None = None  # when its AttemptClaimed was recorded (epoch seconds)
+    # A batch attempt's (see AttemptSpec): its executor, the token of its job's name, the
+    # job id once recorded, its log's path and when its intent was recorded.
+    executor: str = "local"
+    token: str | None = None
+    job_id: str | None = None
+    log_path: str | None = None
+    intent_at: float | None = None
 
 
 OnEnd = Callable[[AttemptKey, "int | None", "str | None"], None]

@@ -53,6 +53,8 @@ TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
     (PENDING, ev.StepSkipped): SKIPPED,
     (READY, ev.AttemptClaimed): RUNNING,
     (RUNNING, ev.AttemptStarted): RUNNING,
+    (RUNNING, ev.AttemptSubmitting): RUNNING,
+    (RUNNING, ev.AttemptSubmitted): RUNNING,
     (RUNNING, ev.AttemptSucceeded): SUCCEEDED,
     (RUNNING, ev.AttemptFailed): RETRY_WAIT,
     (RUNNING, ev.StepFailed): FAILED,
@@ -90,6 +92,9 @@ class StepStatus(msgspec.Struct):
     # How its last attempt's processes were known and killed: "cgroup" (a cgroup of its
     # own) or "session" (session and marks); null if none ran under a keeper.
     containment: str | None = None
+    # Where its last attempt went when not local ("slurm"), and its job id there.
+    executor: str | None = None
+    job_id: str | None = None
 
 
 class RunStatus(msgspec.Struct):
@@ -128,6 +133,7 @@ class StepRec:
         "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
         "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
+        "executor", "token", "job_id",
     )
 
     def __init__(self, step_id: str, index: int, waiting: int) -> None:
@@ -151,6 +157,9 @@ class StepRec:
         self.cpu: float | None = None  # CPU seconds of its attempts, where recorded
         self.max_rss: int | None = None  # KiB
         self.containment: str | None = None  # how its last attempt's processes are known
+        self.executor: str | None = None  # its current attempt's batch system, if any
+        self.token: str | None = None  # the name of that attempt's job: wfd-<token>
+        self.job_id: str | None = None  # that job's id, once accepted
 
 
 class RunState:
@@ -307,7 +316,7 @@ def _step_event(run: RunState, event: ev.Event) -> None:
 
 _ATTEMPT_EVENTS = frozenset({
     ev.AttemptStarted, ev.AttemptSucceeded, ev.AttemptFailed, ev.StepFailed,
-    ev.AttemptInterrupted,
+    ev.AttemptInterrupted, ev.AttemptSubmitting, ev.AttemptSubmitted,
 })
 
 
@@ -320,6 +329,7 @@ def _eff_claimed(run: RunState, rec: StepRec, event: ev.AttemptClaimed) -> None:
     rec.attempt_ts = event.ts
     rec.pid = rec.start_time = rec.boot_id = rec.deadline = None
     rec.retry_at = None
+    rec.executor = rec.token = rec.job_id = None
     if rec.started_at is None:
         rec.started_at = event.ts
 
@@ -332,6 +342,15 @@ def _eff_started(run: RunState, rec: StepRec, event: ev.AttemptStarted) -> None:
     rec.boot_id = event.boot_id
     if event.containment is not None:
         rec.containment = event.containment
+
+
+def _eff_submitting(run: RunState, rec: StepRec, event: ev.AttemptSubmitting) -> None:
+    rec.executor = event.executor
+    rec.token = event.token
+
+
+def _eff_submitted(run: RunState, rec: StepRec, event: ev.AttemptSubmitted) -> None:
+    rec.job_id = event.job_id
 
 
 def _eff_succeeded(run: RunState, rec: StepRec, event: ev.AttemptSucceeded) -> None:
@@ -378,6 +397,8 @@ _STEP_EFFECTS: dict[type[ev.Event], Callable] = {
     ev.StepReady: _eff_ready,
     ev.AttemptClaimed: _eff_claimed,
     ev.AttemptStarted: _eff_started,
+    ev.AttemptSubmitting: _eff_submitting,
+    ev.AttemptSubmitted: _eff_submitted,
     ev.AttemptSucceeded: _eff_succeeded,
     ev.AttemptFailed: _eff_attempt_failed,
     ev.StepFailed: _eff_step_failed,
@@ -486,7 +507,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
-        containment=rec.containment,
+        containment=rec.containment, executor=rec.executor, job_id=rec.job_id,
     )
 
 
@@ -537,6 +558,9 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
     ev.StepReady: lambda e: f"{e.step}: READY",
     ev.AttemptClaimed: lambda e: f"{e.step}: RUNNING (attempt {e.attempt})",
     ev.AttemptStarted: lambda e: f"{e.step}: attempt {e.attempt} started, pid {e.pid}",
+    ev.AttemptSubmitting: lambda e: (
+        f"{e.step}: attempt {e.attempt} submitting to {e.executor} as job wfd-{e.token}"),
+    ev.AttemptSubmitted: lambda e: f"{e.step}: attempt {e.attempt} is job {e.job_id}",
     ev.AttemptSucceeded: lambda e: f"{e.step}: SUCCEEDED (attempt {e.attempt})",
     ev.AttemptFailed: lambda e: (
         f"{e.step}: RETRY_WAIT (attempt {e.attempt} failed: {e.error}; retry at {e.retry_at})"
