@@ -43,7 +43,7 @@ from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartF
 from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
-from wfd.workflow import parse_workflow
+from wfd.workflow import Workflow, parse_workflow
 
 log = logging.getLogger("wfd")
 
