@@ -17,8 +17,22 @@ order among those that became READY together). Each round-robin is "least
 recently started first": a user who has not started a step for longest goes
 first, so a member with 3,000 queued runs gets one start and another member's
 new run gets the next free slot. A step starts only if the daemon's global
-limit, the per-user limit (`--max-steps-per-user`) and the run's
-`max_parallel` all have room.
+limit, the per-user limit (`--max-steps-per-user`), the run's `max_parallel`
+and the step's pool, if it names one, all have room.
+
+Pools
+-----
+A pool (`wfd --pool db=2`, `wfctl pool set db 3`) is a limit on the running
+steps that name it, shared by every run of every user. Its running steps are
+counted like the others (per run, adjusted by each dirty run's change). A
+step whose pool is full is passed over: the run's next READY step that can
+start goes instead, and a run none of whose READY steps can start waits, noted
+as a waiter of those pools, until a step of the pool ends or its limit is
+raised; then it queues again with the stamp it had, so fairness is as without
+pools. A pool the daemon does not know has limit 0: its steps wait. Lowering a
+limit stops no running step; new ones wait until the pool is under it. Passing
+over READY steps of a full pool costs one look per step passed, in the run
+that starts; a run whose READY steps all wait costs nothing per decision.
 
 How a decision stays small
 --------------------------
@@ -104,12 +118,13 @@ class Decision:
 class _Driven:
     """What the scheduler keeps about one run it drives."""
 
-    __slots__ = ("uid", "stamp", "running", "queued", "wake")
+    __slots__ = ("uid", "stamp", "running", "pools", "queued", "wake")
 
     def __init__(self, uid: int, stamp: int) -> None:
         self.uid = uid
         self.stamp = stamp  # last start (or when it came to be driven)
         self.running = 0  # its RUNNING steps as last counted
+        self.pools: dict[str, int] = {}  # its RUNNING steps per pool, as last counted
         self.queued = False  # has a live entry in its user's queue
         self.wake: float | None = None  # its live entry in the timer heap
 
@@ -131,6 +146,38 @@ class _User:
         return per_user is None or self.running + taken < per_user
 
 
+class _Cursor:
+    """A run's READY steps in order, for one decision, past those whose pool is full.
+    Pool room only shrinks within a decision, so a step passed over stays passed."""
+
+    __slots__ = ("run", "steps", "head", "room")
+
+    def __init__(self, run: RunState, room: Callable[[str], bool]) -> None:
+        self.run = run
+        self.steps = iter(run.ready)
+        self.head: str | None = None
+        self.room = room
+
+    def peek(self) -> str | None:
+        """The next step that can start now, or None."""
+        steps = self.run.steps
+        while True:
+            head = self.head
+            if head is not None:
+                pool = steps[head].pool
+                if pool is None or self.room(pool):
+                    return head
+            head = self.head = next(self.steps, None)
+            if head is None:
+                return None
+
+    def take(self) -> str:
+        step_id = self.peek()
+        assert step_id is not None
+        self.head = None
+        return step_id
+
+
 class Scheduler:
     """Decisions for the runs the daemon drives (module docstring: how it stays small).
 
@@ -138,10 +185,14 @@ class Scheduler:
     their last start is remembered between their runs."""
 
     def __init__(self, runs: Mapping[str, RunState], limit: int,
-                 per_user: int | None = None) -> None:
+                 per_user: int | None = None, pools: Mapping[str, int] | None = None) -> None:
         self.runs = runs  # every run's state by id, kept current by the caller's `apply`
         self.limit = limit  # the daemon's global --max-parallel
         self.per_user = per_user  # --max-steps-per-user; None: the global limit only
+        self.pools: dict[str, int] = dict(pools or {})  # pool -> limit; change: set_pool
+        self._pool_running: dict[str, int] = {}  # RUNNING steps per pool, driven runs
+        self._pool_taken: dict[str, int] = {}  # starts per pool in the decision under way
+        self._pool_waiters: dict[str, dict[str, None]] = {}  # pool -> runs waiting for it
         self._driven: dict[str, _Driven] = {}
         self._users: dict[int, _User] = {}
         self._dirty: dict[str, None] = {}  # ordered, so decisions are deterministic
@@ -164,7 +215,22 @@ class Scheduler:
         user = self._users.get(uid)
         return 0 if user is None else user.runs
 
+    def pool_running(self, pool: str) -> int:
+        """Running steps of driven runs in `pool`, as of the last decision."""
+        return self._pool_running.get(pool, 0)
+
+    def pool_full(self, pool: str) -> bool:
+        return self.pool_running(pool) >= self.pools.get(pool, 0)
+
     # ---- what changed ---------------------------------------------------------
+
+    def set_pool(self, pool: str, limit: int) -> None:
+        """A pool's limit, new or changed. Raised: its waiting runs may start at the next
+        decision. Lowered: running steps go on; new ones wait until it has room."""
+        raised = limit > self.pools.get(pool, 0)
+        self.pools[pool] = limit
+        if raised:
+            self._wake_pool(pool)
 
     def drive(self, run_id: str) -> None:
         """Start driving a run (submitted, adopted, resumed); its owner is read now."""
@@ -191,6 +257,8 @@ class Scheduler:
         user = self._users[driven.uid]
         user.runs -= 1
         self._recount(user, driven, 0)
+        if driven.pools:
+            self._recount_pools(driven, {})
         self._offer(user, 0)
 
     # ---- deciding ---------------------------------------------------------------
@@ -218,6 +286,8 @@ class Scheduler:
         run = self.runs[run_id]
         user = self._users[driven.uid]
         self._recount(user, driven, run.counts[RUNNING])
+        if run.pool_running:
+            self._recount_pools(driven, run.pool_running)
         if not run.finished:
             wake = _housekeeping(run, now, decision.actions.append)
             if wake != driven.wake:
@@ -232,6 +302,41 @@ class Scheduler:
         driven.running = running
         user.running += delta
         self._running += delta
+
+    def _recount_pools(self, driven: _Driven, running: Mapping[str, int]) -> None:
+        """The run's running steps per pool changed: adjust the pools' counts; a pool
+        that has a slot fewer taken wakes the runs waiting for it."""
+        old = driven.pools
+        for pool in old.keys() | running.keys():
+            delta = running.get(pool, 0) - old.get(pool, 0)
+            if delta:
+                self._pool_running[pool] = self._pool_running.get(pool, 0) + delta
+                if delta < 0:
+                    self._wake_pool(pool)
+        driven.pools = {pool: n for pool, n in running.items() if n}
+
+    def _pool_room(self, pool: str) -> bool:
+        """Whether `pool` can take one more step in the decision under way."""
+        used = self._pool_running.get(pool, 0) + self._pool_taken.get(pool, 0)
+        return used < self.pools.get(pool, 0)
+
+    def _wait_for_pools(self, run_id: str, run: RunState) -> None:
+        """The run cannot start a step now, perhaps for a full pool: wake it when one of
+        the pools of its READY steps frees a slot (a wake that finds nothing is cheap)."""
+        for pool, ready in run.pool_ready.items():
+            if ready:
+                self._pool_waiters.setdefault(pool, {})[run_id] = None
+
+    def _wake_pool(self, pool: str) -> None:
+        """Queue again the runs that wait for `pool`, with the stamps they had."""
+        for run_id in self._pool_waiters.pop(pool, ()):
+            driven = self._driven.get(run_id)
+            if driven is None:
+                continue
+            user = self._users[driven.uid]
+            self._enqueue(run_id, self.runs[run_id], driven, user, 0)
+            if not user.queued:
+                self._offer(user, 0)
 
     # ---- timers -------------------------------------------------------------------
 
@@ -266,16 +371,32 @@ class Scheduler:
 
     # ---- starts ---------------------------------------------------------------------
 
-    def _startable(self, run: RunState, taken: int) -> bool:
-        """`taken`: steps of this run already started in this decision."""
+    def _startable(self, run: RunState, taken: int, cursor: _Cursor | None = None) -> bool:
+        """`taken`: steps of this run already started in this decision; `cursor`: its
+        READY steps as this decision has gone through them."""
         if run.finished or run.cancelling or len(run.ready) <= taken:
             return False
         cap = run.workflow.max_parallel
-        return cap is None or run.counts[RUNNING] + taken < cap
+        if cap is not None and run.counts[RUNNING] + taken >= cap:
+            return False
+        if not run.pool_ready:  # no step of it names a pool
+            return True
+        if cursor is not None:
+            return cursor.peek() is not None
+        pooled = 0  # no decision under way: a READY step without a pool, or with room
+        for pool, ready in run.pool_ready.items():
+            if ready and self._pool_room(pool):
+                return True
+            pooled += ready
+        return len(run.ready) > pooled
 
     def _enqueue(self, run_id: str, run: RunState, driven: _Driven, user: _User,
-                 taken: int) -> None:
-        if driven.queued or not self._startable(run, taken):
+                 taken: int, cursor: _Cursor | None = None) -> None:
+        if driven.queued:
+            return
+        if not self._startable(run, taken, cursor):
+            if run.pool_ready:
+                self._wait_for_pools(run_id, run)
             return
         driven.queued = True
         heapq.heappush(user.queue, (driven.stamp, run_id))
@@ -301,21 +422,23 @@ class Scheduler:
             return
         taken: dict[str, int] = {}  # starts per run in this decision
         by_user: dict[int, int] = {}
-        ready: dict[str, Iterator[str]] = {}
+        cursors: dict[str, _Cursor] = {}
+        self._pool_taken = {}
         while free > 0 and self._queue:
             uid = heapq.heappop(self._queue)[1]
             user = self._users[uid]
             user.queued = False
             if not user.room(self.per_user, by_user.get(uid, 0)):
                 continue  # offered again when one of their steps ends
-            run_id = self._next_run(user, taken)
+            run_id = self._next_run(user, taken, cursors)
             if run_id is None:
                 continue
             run = self.runs[run_id]
-            steps = ready.get(run_id)
-            if steps is None:
-                steps = ready[run_id] = iter(run.ready)
-            step_id = next(steps)
+            cursor = cursors[run_id]
+            step_id = cursor.take()
+            pool = run.steps[step_id].pool
+            if pool is not None:
+                self._pool_taken[pool] = self._pool_taken.get(pool, 0) + 1
             decision.actions.append(Start(run_id, step_id, run.steps[step_id].attempts + 1))
             free -= 1
             taken[run_id] = taken.get(run_id, 0) + 1
@@ -323,19 +446,28 @@ class Scheduler:
             driven = self._driven[run_id]
             driven.stamp = user.stamp = next(self._stamps)
             self._dirty[run_id] = None  # the next decision sees what came of the start
-            self._enqueue(run_id, run, driven, user, taken[run_id])
+            self._enqueue(run_id, run, driven, user, taken[run_id], cursor)
             self._offer(user, by_user[uid])
+        self._pool_taken = {}  # counted as running from the next decision on
 
-    def _next_run(self, user: _User, taken: dict[str, int]) -> str | None:
+    def _next_run(self, user: _User, taken: dict[str, int],
+                  cursors: dict[str, _Cursor]) -> str | None:
         """Pop the user's least recently started run that can start a step now;
-        entries that went stale or cannot start are discarded on the way."""
+        entries that went stale or cannot start are discarded on the way (a run
+        waiting for a pool is noted as its waiter)."""
         while user.queue:
             stamp, run_id = heapq.heappop(user.queue)
             if not self._live_entry(stamp, run_id):
                 continue
             self._driven[run_id].queued = False
-            if self._startable(self.runs[run_id], taken.get(run_id, 0)):
+            run = self.runs[run_id]
+            cursor = cursors.get(run_id)
+            if cursor is None:
+                cursor = cursors[run_id] = _Cursor(run, self._pool_room)
+            if self._startable(run, taken.get(run_id, 0), cursor):
                 return run_id
+            if run.pool_ready:
+                self._wait_for_pools(run_id, run)
         return None
 
 

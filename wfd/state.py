@@ -133,12 +133,13 @@ class StepRec:
         "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
         "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
-        "executor", "token", "job_id",
+        "executor", "token", "job_id", "pool",
     )
 
-    def __init__(self, step_id: str, index: int, waiting: int) -> None:
+    def __init__(self, step_id: str, index: int, waiting: int, pool: str | None = None) -> None:
         self.id = step_id
         self.index = index
+        self.pool = pool  # the daemon's shared limit its attempts count against
         self.state = PENDING
         self.attempts = 0  # attempt numbers taken so far, never reused
         self.failures = 0  # failed attempts since the run (re)started: the retry budget used
@@ -169,6 +170,7 @@ class RunState:
         "workflow", "run_id", "name", "owner", "owner_uid", "format", "state", "created_at",
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
         "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot",
+        "pool_ready", "pool_running",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -188,9 +190,14 @@ class RunState:
         self.schedule: str | None = None
         self.slot: float | None = None
         self.steps: dict[str, StepRec] = {
-            step.id: StepRec(step.id, i, len(workflow.deps[i]))
+            step.id: StepRec(step.id, i, len(workflow.deps[i]), step.pool)
             for i, step in enumerate(workflow.steps)
         }
+        # Per pool its steps use: how many are READY and RUNNING (empty without pools),
+        # so that the scheduler weighs pools per run, not per step.
+        pools = {rec.pool: 0 for rec in self.steps.values() if rec.pool is not None}
+        self.pool_ready: dict[str, int] = dict(pools)
+        self.pool_running: dict[str, int] = pools
         # Insertion-ordered sets (dicts): order is the order steps entered them.
         self.ready: dict[str, None] = {}
         self.running: dict[str, None] = {}
@@ -259,6 +266,10 @@ def _move(run: RunState, rec: StepRec, new: str) -> None:
     if old == PENDING:
         run.promotable.pop(rec.id, None)
         run.skippable.pop(rec.id, None)
+    pool = rec.pool
+    if pool is not None:
+        for counts, member in ((run.pool_ready, READY), (run.pool_running, RUNNING)):
+            counts[pool] += (new == member) - (old == member)
 
 
 def _on_succeeded(run: RunState, rec: StepRec) -> None:

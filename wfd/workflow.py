@@ -42,6 +42,12 @@ Decisions where SPEC 1 is silent
   directory, even when `defaults.cwd` is set) and `max_parallel` (the
   daemon's limit); each means the same as leaving the field out at top level.
 - `max_parallel` is at most 1,000,000, so it always fits a msgpack int.
+- `pool` (a step's, or `defaults.pool`) names one of the daemon's shared limits; a
+  name matches `POOL_RE`. Whether the daemon has that pool is checked at submit,
+  not here (the validator does not know the daemon). `"pool": null` in a step
+  overrides `defaults.pool` (no pool).
+- `concurrency` is 1 to 1,000,000 or null (no limit); `on_busy` is "queue" (the
+  default) or "skip", and says nothing without `concurrency`.
 - Strings that reach `exec` (command, env names and values, cwd) must not
   contain NUL. Env names must be non-empty and without "=". Env names and
   `cwd` must not contain control characters (C0, DEL, C1: they end up in
@@ -75,6 +81,7 @@ from wfd.errors import WorkflowInvalid
 from wfd.text import CONTROL_RE, printable
 
 __all__ = [
+    "POOL_RE",
     "STEP_ID_RE",
     "Backoff",
     "Step",
@@ -86,6 +93,9 @@ __all__ = [
 
 _STEP_ID = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}"
 STEP_ID_RE: re.Pattern[str] = re.compile(f"^{_STEP_ID}$")
+# A pool's name: also what `wfd --pool` and `wfctl pool set` accept.
+POOL_RE: re.Pattern[str] = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ON_BUSY = ("queue", "skip")
 
 MAX_SECONDS = 1e9
 MAX_RETRIES = 1000
@@ -163,6 +173,7 @@ class Step(_Model, frozen=True, gc=False):
     # Where its attempts run: "local" (the keeper) or "slurm" (a batch job, docs/slurm.md).
     executor: str = "local"
     slurm: SlurmOptions | None = None  # defaults.slurm merged field by field under the step's
+    pool: str | None = None  # the daemon's shared limit it counts against, if any
 
 
 class Workflow(_Model, frozen=True, gc=False):
@@ -180,6 +191,10 @@ class Workflow(_Model, frozen=True, gc=False):
     index: dict[str, int]  # step id -> position in file order
     dependents: tuple[tuple[int, ...], ...]  # steps that depend on step i, in file order
     deps: tuple[tuple[int, ...], ...]  # step i's dependencies, in depends_on order
+    # At most this many unfinished runs of this name and owner; a further submit
+    # queues (on_busy "queue") or is refused ("skip"). None: no limit.
+    concurrency: int | None = None
+    on_busy: str = "queue"
 
 
 # ---------------------------------------------------------------------------
@@ -222,7 +237,8 @@ def _no_gc() -> Iterator[None]:
 
 
 def build_workflow(
-    name: str, max_parallel: int | None, env: dict[str, str], steps: tuple[Step, ...]
+    name: str, max_parallel: int | None, env: dict[str, str], steps: tuple[Step, ...],
+    *, concurrency: int | None = None, on_busy: str = "queue",
 ) -> Workflow:
     """A Workflow from valid, merged Steps, with its derived fields computed."""
     index: dict[str, int] = {}
@@ -237,6 +253,8 @@ def build_workflow(
         index=index,
         dependents=tuple(map(tuple, _reverse(deps))),
         deps=deps,
+        concurrency=concurrency,
+        on_busy=on_busy,
     )
 
 
@@ -651,6 +669,18 @@ def _check_max_parallel(v: object) -> int | None:
     raise _bad(f"expected an integer from 1 to {MAX_PARALLEL} or null", v)
 
 
+def _check_pool(v: object) -> str | None:
+    if v is None or (type(v) is str and POOL_RE.fullmatch(v)):
+        return v
+    raise _bad(f"expected a pool name (matching {POOL_RE.pattern}) or null", v)
+
+
+def _check_on_busy(v: object) -> str:
+    if v in ON_BUSY and type(v) is str:
+        return v  # type: ignore[return-value]
+    raise _bad('expected "queue" or "skip"', v)
+
+
 def _check_name(v: object) -> str:
     if type(v) is str and v and not CONTROL_RE.search(v):
         return v
@@ -774,6 +804,7 @@ _SHARED_CHECKS: dict[str, Callable[[object], object]] = {
     "env": _check_env,
     "executor": _check_executor,
     "slurm": _check_slurm,
+    "pool": _check_pool,
 }
 
 _STEP_CHECKS: dict[str, Callable[[object], object]] = {
@@ -790,6 +821,8 @@ _TOP_CHECKS: dict[str, Callable[[object], object]] = {
     "name": _check_name,
     "max_parallel": _check_max_parallel,
     "env": _check_env,
+    "concurrency": _check_max_parallel,
+    "on_busy": _check_on_busy,
 }
 
 _ID_MATCH = STEP_ID_RE.fullmatch
@@ -960,6 +993,8 @@ class _Validator:
             index=self.first,  # ids are unique by now
             dependents=tuple(map(tuple, dependents)),
             deps=tuple(map(tuple, self.deps)),
+            concurrency=top.get("concurrency"),  # type: ignore[arg-type]
+            on_busy=top.get("on_busy", "queue"),  # type: ignore[arg-type]
         )
 
 
@@ -989,6 +1024,7 @@ class _Merger:
         self.kill_grace = defaults.get("kill_grace", 5.0)
         self.on_lost = defaults.get("on_lost", "rerun")
         self.cwd = defaults.get("cwd")
+        self.pool = defaults.get("pool")
         self.env: dict[str, str] = defaults.get("env", {})  # type: ignore[assignment]
         self.executor = defaults.get("executor", "local")
         self.dslurm: dict[str, object] = defaults.get("slurm", {})  # type: ignore[assignment]
@@ -999,7 +1035,7 @@ class _Merger:
         out = []
         bare = {"id", "command", "depends_on"}
         backoff, timeout, kill_grace = self.backoff, self.timeout, self.kill_grace
-        on_lost = self.on_lost
+        on_lost, pool = self.on_lost, self.pool
         retries, cwd, env = self.retries, self.cwd, self.env
         for raw in raws:
             if raw.keys() <= bare:  # nothing to merge: the common case, kept fast
@@ -1018,6 +1054,7 @@ class _Merger:
                         cwd=cwd,  # type: ignore[arg-type]
                         executor=self.executor,  # type: ignore[arg-type]
                         slurm=self.slurm,
+                        pool=pool,  # type: ignore[arg-type]
                     )
                 )
             else:
@@ -1044,6 +1081,7 @@ class _Merger:
             cwd=get("cwd", self.cwd),  # type: ignore[arg-type]
             executor=get("executor", self.executor),  # type: ignore[arg-type]
             slurm=self._slurm(get("slurm")),  # type: ignore[arg-type]
+            pool=get("pool", self.pool),  # type: ignore[arg-type]
         )
 
     def _slurm(self, own: dict[str, object] | None) -> SlurmOptions | None:
