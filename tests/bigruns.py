@@ -99,3 +99,29 @@ def step_output(run_dir: Path, step: str, size: int) -> Path:
         f.write(line * (size // len(line)) + line[:size % len(line)])
     os.chmod(path, 0o600)
     return path
+
+
+def finished_run(state_dir: Path, run_id: str, state: str, name: str = "small",
+                 ts: str = TS, uid: int = 0, owner: str = "root") -> Path:
+    """A finished run of one step `s` in `state` (SUCCEEDED, FAILED or CANCELLED), every
+    event stamped `ts` (its creation time, for filters by time)."""
+    events: list[ev.Event] = [ev.RunCreated(seq=1, ts=ts, run_id=run_id, name=name,
+                                            owner=owner, owner_uid=uid)]
+
+    def add(kind: type[ev.Event], **fields: object) -> None:
+        events.append(kind(seq=len(events) + 1, ts=ts, **fields))
+
+    if state == "CANCELLED":
+        add(ev.RunCancelRequested)
+        add(ev.StepCancelled, step="s")
+    else:
+        add(ev.StepReady, step="s")
+        add(ev.AttemptClaimed, step="s", attempt=1)
+        add(ev.AttemptStarted, step="s", attempt=1, pid=12345, start_time=1.0,
+            boot_id="00000000-0000-0000-0000-000000000000")
+        if state == "SUCCEEDED":
+            add(ev.AttemptSucceeded, step="s", attempt=1)
+        else:
+            add(ev.StepFailed, step="s", attempt=1, exit_code=1, error="exited with status 1")
+    add(ev.RunFinished, state=state)
+    return write_run(state_dir, run_id, ["s"], events, name, uid, owner)

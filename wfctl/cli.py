@@ -42,6 +42,7 @@ if TYPE_CHECKING:
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a C tool would die with
+TABLE_RUNS = 20  # runs `status` shows in its table without --all or --limit
 RECONNECT_WAIT = 60.0  # a waiting client rides out a daemon restart this long
 
 RUN_EXIT = {"SUCCEEDED": EXIT_OK, "FAILED": EXIT_RUN_FAILED,
@@ -129,6 +130,23 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a count 1, 2, ..., got {text!r}")
+    return int(text)
+
+
+def _since(text: str) -> float:
+    import time
+
+    from wfd.durations import parse_since
+
+    try:
+        return parse_since(text, time.time())
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _width(text: str) -> int:
     from wfctl.timeline import MIN_WIDTH
 
@@ -190,7 +208,8 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 _JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
-_RUN_ID = (("run_id",), {"metavar": "RUN_ID"})
+_RUN_ID = (("run_id",), {"metavar": "RUN_ID",
+                         "help": "a run id or a reference: 5c9b, @last, NAME@last, NAME@-2"})
 _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
     ("validate", "check a workflow file; no daemon needed",
      [(("file",), {"metavar": "FILE"})]),
@@ -201,8 +220,19 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
       (("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
       (("--follow",), {"action": "store_true",
                        "help": "wait, and show each transition on stderr"})]),
-    ("status", "show one run, or all runs",
-     [(("run_id",), {"metavar": "RUN_ID", "nargs": "?"}), _JSON]),
+    ("status", "show one run, or your runs (oldest first, the newest at the bottom)",
+     [(("run_id",), {"metavar": "RUN", "nargs": "?",
+                     "help": "a run id or reference (5c9b, @last, NAME@last, NAME@-2)"}),
+      _JSON,
+      (("--state",), {"metavar": "S", "action": "append", "type": str.upper, "default": [],
+                      "help": "only runs in state S (repeatable: any of them)"}),
+      (("--name",), {"metavar": "N", "help": "only runs of workflow N"}),
+      (("--since",), {"metavar": "WHEN", "type": _since,
+                      "help": "only runs created since: a duration back (2h, 7d) or a "
+                              "time (2026-11-25, 2026-11-25T14:00)"}),
+      (("--limit",), {"metavar": "N", "type": _count,
+                      "help": "only the newest N (default: 20 in the table, all in JSON)"}),
+      (("--all",), {"action": "store_true", "help": "every run, not the newest 20"})]),
     ("cancel", "cancel a run", [_RUN_ID]),
     ("replay", "re-fold a run's event log and check it", [_RUN_ID, _JSON]),
     ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID]),
@@ -457,37 +487,61 @@ def cmd_status(args: argparse.Namespace) -> int:
     from wfctl import render
     from wfd import protocol
 
+    filters = args.state or args.name is not None or args.since is not None
+    if args.run_id and (filters or args.limit or args.all):
+        raise UsageError("error: --state, --name, --since, --limit and --all list runs; "
+                         "they do not go with a RUN (see wfctl status --help)")
+    if args.all and args.limit:
+        raise UsageError("error: --all and --limit do not go together")
     conn = _connect(args)
     if args.run_id:
         status = conn.call(protocol.Status(run_id=args.run_id), protocol.RunInfo).status
-        lines = None if args.json else render.run_lines(status, time.time())
-        shown: object = status
-    else:
-        reply = conn.call(protocol.Status(), protocol.RunList)
-        if reply.storage_error:  # type: ignore[attr-defined]
-            say(f"wfctl: warning: wfd {reply.storage_error}; "  # type: ignore[attr-defined]
-                "no run makes progress until it can")
-        runs = reply.runs  # type: ignore[attr-defined]
-        if not runs and not args.json:
-            say("no runs")
-            return EXIT_OK
-        lines = None if args.json else render.runs_lines(runs, time.time())
-        shown = runs
-    if lines is None:
-        _print_json(shown)
-    else:
-        out("\n".join(lines))
+        if args.json:
+            _print_json(status)
+        else:
+            out("\n".join(render.run_lines(status, time.time())))
+        return EXIT_OK
+    # The table shows a screenful, the newest at the bottom; JSON (for scripts) every run.
+    limit = args.limit or (None if args.json or args.all else TABLE_RUNS)
+    request = protocol.Status(states=args.state, name=args.name, since=args.since, limit=limit)
+    reply = conn.call(request, protocol.RunList)
+    if reply.storage_error:  # type: ignore[attr-defined]
+        say(f"wfctl: warning: wfd {reply.storage_error}; "  # type: ignore[attr-defined]
+            "no run makes progress until it can")
+    runs = reply.runs  # type: ignore[attr-defined]
+    if args.json:
+        _print_json(runs)
+        return EXIT_OK
+    if not runs:
+        say("no runs match" if filters else "no runs")
+        return EXIT_OK
+    matched = max(reply.matched, len(runs))  # type: ignore[attr-defined]
+    counts = reply.counts or _count_states(runs)  # type: ignore[attr-defined]
+    older = matched - len(runs)
+    if older > 0:
+        say(f"{older} older run{'' if older == 1 else 's'} not shown (--all)")
+    out("\n".join(render.runs_lines(runs, time.time())))
+    sys.stdout.flush()  # the table before the summary under it
+    say(render.counts_line(matched, counts))
     return EXIT_OK
+
+
+def _count_states(runs: list) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for run in runs:
+        counts[run.state] = counts.get(run.state, 0) + 1
+    return counts
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     from wfd import protocol
 
     reply = _connect(args).call(protocol.Cancel(run_id=args.run_id), protocol.Cancelled)
+    run_id = reply.run_id or args.run_id  # type: ignore[attr-defined]
     if reply.was_finished:  # type: ignore[attr-defined]
-        say(f"run {args.run_id} already finished: {reply.state}")  # type: ignore[attr-defined]
+        say(f"run {run_id} already finished: {reply.state}")  # type: ignore[attr-defined]
     else:
-        say(f"run {args.run_id} cancelled")
+        say(f"run {run_id} cancelled")
     return EXIT_OK
 
 

@@ -141,6 +141,13 @@ def _schedule_cell(run: RunSummary) -> str:
     return f"{run.schedule}@{local_time(run.scheduled_at)}"
 
 
+def counts_line(matched: int, counts: dict[str, int]) -> str:
+    """`42 runs: 39 SUCCEEDED, 2 FAILED, 1 RUNNING`: the most common state first."""
+    parts = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    noun = "run" if matched == 1 else "runs"
+    return f"{matched} {noun}: " + ", ".join(f"{n} {state}" for state, n in parts)
+
+
 def summary_line(status: RunStatus) -> str:
     """One line for the end of `run --wait`: state, and which steps did not succeed."""
     line = f"run {status.run_id} {status.state}"

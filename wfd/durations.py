@@ -54,3 +54,24 @@ def format_duration(seconds: float) -> str:
         parts = parts[:-1] if parts and parts[-1].endswith("s") else parts
         parts.append(f"{int(whole) % 60 + rest:g}s")
     return "".join(parts) or "0s"
+
+
+def parse_since(text: str, now: float) -> float:
+    """A point in time (epoch seconds): a duration back from `now` (`2h`: two hours ago)
+    or a date or time (`2026-11-25`, `2026-11-25T14:00`, local time unless it names a
+    zone, `...Z` or `+01:00`); ValueError saying what is expected."""
+    from datetime import datetime
+
+    try:
+        return now - parse_duration(text)
+    except ValueError:
+        pass
+    stamp = text.strip()
+    if stamp.endswith(("Z", "z")):
+        stamp = stamp[:-1] + "+00:00"
+    try:
+        when = datetime.fromisoformat(stamp)
+    except ValueError:
+        raise ValueError(f"{text!r}: expected a duration (2h, 7d) or a time (2026-11-25, "
+                         "2026-11-25T14:00)") from None
+    return when.timestamp()  # a naive time is local time

@@ -88,9 +88,15 @@ class Submit(Message):
 
 
 class Status(Message):
-    """One run's status, or with no `run_id` the list of runs the peer may see."""
+    """One run's status, or with no `run_id` the list of runs the peer may see: those
+    in one of `states` (any if empty), of workflow `name`, created at or after `since`
+    (epoch seconds), and of those the newest `limit` (all if None)."""
 
     run_id: str | None = None
+    states: list[str] = msgspec.field(default_factory=list)
+    name: str | None = None
+    since: float | None = None
+    limit: Positive | None = None
 
 
 class Cancel(Message):
@@ -187,17 +193,21 @@ class RunList(Message):
     """Runs the peer may see, oldest first (after those of the `RunsPart`s before it).
 
     `storage_error`: why the daemon cannot persist events now, if it cannot: the
-    unfinished runs are held until it can (SPEC 4)."""
+    unfinished runs are held until it can (SPEC 4). `matched`: how many runs passed
+    the request's filters (before its `limit`); `counts`: those by state."""
 
     runs: list[RunSummary]
     storage_error: str | None = None
+    matched: int = 0
+    counts: dict[str, int] = msgspec.field(default_factory=dict)
 
 
 class Cancelled(Message):
-    """The run is over; `was_finished` when it had ended before the cancel."""
+    """The run `run_id` is over; `was_finished` when it had ended before the cancel."""
 
     state: str
     was_finished: bool
+    run_id: str = ""
 
 
 class Replayed(Message):

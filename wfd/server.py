@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from wfd import __version__, channel, runref
+from wfd import __version__, channel, history, runref
 from wfd import events as ev
 from wfd import protocol as p
 from wfd import state as st
@@ -255,32 +255,41 @@ class Server:
 
     async def status(self, peer: Peer, req: p.Status, send: Channel) -> None:
         if req.run_id is None:
-            await self._send_runs(peer, send)
+            await self._send_runs(peer, req, send)
             return
         run = await self.run_for(peer, req.run_id)
         header = self.engine.status(run, steps=False)
         await send.send_parts(_with_steps(p.RunInfo(header), header, run))
 
-    async def _send_runs(self, peer: Peer, send: Channel) -> None:
-        """The runs the peer may see, a part at a time: each summary is looked at as its
-        part is made (the list held meanwhile is of references, not of replies)."""
-        runs = [summary for summary, owner_uid in self.engine.summaries()
-                if peer.root or not self.system or owner_uid == peer.uid]
+    async def _send_runs(self, peer: Peer, req: p.Status, send: Channel) -> None:
+        """The runs the peer may see that pass the request's filters, a part at a time
+        (the list held meanwhile is of references, not of replies)."""
+        unknown = sorted(set(req.states) - st.RUN_STATES)
+        if unknown:
+            raise UsageError(f"unknown run state {_shown(unknown[0])} (one of "
+                             f"{', '.join(sorted(st.RUN_STATES))})")
+        since = None if req.since is None else ev.format_ts(req.since)
+        runs = (self.engine.summary(summary) for summary, owner_uid in self.engine.summaries()
+                if peer.root or not self.system or owner_uid == peer.uid)
+        chosen = history.select(runs, set(req.states), req.name, since, req.limit)
 
         def parts() -> Iterator[p.Message]:
-            shown = (self.engine.summary(summary) for summary in runs)
-            for group, last in p.packed(shown):
-                yield p.RunList(group, self.engine.storage_error) if last else p.RunsPart(group)
+            for group, last in p.packed(chosen.runs):
+                if last:
+                    yield p.RunList(group, self.engine.storage_error, chosen.matched,
+                                    chosen.counts)
+                else:
+                    yield p.RunsPart(group)
 
         await send.send_parts(parts())
 
     async def cancel(self, peer: Peer, req: p.Cancel, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
         if run.finished:
-            await send(p.Cancelled(run.state, True))
+            await send(p.Cancelled(run.state, True, run.run_id))
             return
         await self.engine.cancel(run.run_id)
-        await send(p.Cancelled(run.state, False))
+        await send(p.Cancelled(run.state, False, run.run_id))
 
     async def replay(self, peer: Peer, req: p.Replay, send: Channel) -> None:
         """The log re-folded in a worker thread, a block at a time, from the file and the

@@ -47,6 +47,7 @@ CORRUPT = "CORRUPT"  # run state only
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
 RUN_TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+RUN_STATES = RUN_TERMINAL | {RUNNING, CORRUPT}  # every state a run can be in
 
 TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
     (PENDING, ev.StepReady): READY,
