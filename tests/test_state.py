@@ -666,7 +666,8 @@ def ordered(data: bytes) -> Any:
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on", "cpu", "max_rss", "containment", "executor", "job_id"]
+             "depends_on", "cpu", "max_rss", "containment", "executor", "job_id",
+             "outputs"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
                 "scheduled_at"]
 
@@ -711,13 +712,13 @@ def test_run_status_values() -> None:
         "state": "SUCCEEDED", "attempts": 1, "exit_code": 0, "started_at": started,
         "finished_at": ev.format_ts(T0 + 1), "error": None, "depends_on": [],
         "cpu": None, "max_rss": None, "containment": None,
-        "executor": None, "job_id": None,
+        "executor": None, "job_id": None, "outputs": {},
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
         "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
-        "executor": None, "job_id": None,
+        "executor": None, "job_id": None, "outputs": {},
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"

@@ -116,7 +116,19 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
     ]
     if rows:
         lines += table(["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU", "ERROR"], rows)
+    outputs = [[step_id, f"{key}={_cut(value)}"] for step_id, step in status.steps.items()
+               for key, value in step.outputs.items()]
+    if outputs:
+        lines += ["", *table(["STEP", "OUTPUT"], outputs)]
     return lines
+
+
+MAX_OUTPUT_SHOWN = 200  # characters of an output's value in `status` (--json has it all)
+
+
+def _cut(value: str) -> str:
+    value = printable(value)
+    return value if len(value) <= MAX_OUTPUT_SHOWN else value[: MAX_OUTPUT_SHOWN - 3] + "..."
 
 
 def runs_lines(runs: list[RunSummary], now: float | None) -> list[str]:

@@ -29,7 +29,7 @@ import os
 import random
 import secrets
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from wfd import events as ev
@@ -40,6 +40,7 @@ from wfd.committer import Batch, Committer
 from wfd.errors import StorageError, UsageError
 from wfd.eventlog import Layout, Submission
 from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, StartInfo
+from wfd.outputs import output_env, upstream
 from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
@@ -76,10 +77,12 @@ def _micros_of(run_id: str) -> int:
         return -1
 
 
-def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey) -> dict[str, str]:
+def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey,
+             outputs: Mapping[str, str] | None = None) -> dict[str, str]:
     """Client env (variables meant for the daemon removed, the owner's passwd fields
     winning over the client's), then workflow env, then defaults.env and the step's env,
-    then the run's KEY=VALUE vars, then the schedule's slot and the marks."""
+    then the run's KEY=VALUE vars, then the outputs of the steps upstream (`WFD_OUT_*`),
+    then the schedule's slot and the marks."""
     wf = run.workflow
     env = {
         k: v for k, v in ctx.sub.env.items()
@@ -89,6 +92,7 @@ def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey) -> dict
     env.update(wf.env)
     env.update(wf.steps[index].env)
     env.update(run.vars)
+    env.update(outputs or {})
     if run.schedule is not None:
         env["WFD_SCHEDULE"] = run.schedule
         env["WFD_SCHEDULED_AT"] = st.slot_ts(run.slot) or ""
@@ -139,6 +143,9 @@ class Engine:
         self._timer: asyncio.TimerHandle | None = None
         self._finish_waiters: dict[str, list[asyncio.Future]] = {}
         self._last_run_id = ""
+        # Per run: which steps upstream of each step have outputs (`outputs.upstream`'s
+        # memo), valid while the run's `producers_seq` is the one it was built for.
+        self._upstream: dict[str, tuple[int, dict[int, frozenset[int]]]] = {}
         # Parses of submissions, one at a time: a flood of big submits costs one core.
         self._parser = concurrent.futures.ThreadPoolExecutor(1, "wfd-parse")
 
@@ -376,6 +383,7 @@ class Engine:
 
     def _run_finished(self, run_id: str) -> None:
         self.sched.drop(run_id)
+        self._upstream.pop(run_id, None)
 
         def done() -> None:
             for future in self._finish_waiters.pop(run_id, []):
@@ -433,7 +441,8 @@ class Engine:
                                    start_error=f"cannot open log: {exc.strerror}")
                 return
         spec = AttemptSpec(
-            key=key, argv=step_argv(step.command), env=step_env(ctx, run, rec.index, key),
+            key=key, argv=step_argv(step.command),
+            env=step_env(ctx, run, rec.index, key, self._outputs_for(run, rec.index)),
             cwd=step_cwd(ctx.sub, step.cwd), log_fd=log_fd, umask=ctx.sub.umask,
             kill_grace=self._grace(run, rec.index), user=ctx.user,
             timeout=step.timeout,
@@ -509,6 +518,18 @@ class Engine:
             self._lose(run, key, why)
             self.kick()
 
+    def _outputs_for(self, run: st.RunState, index: int) -> dict[str, str]:
+        """`WFD_OUT_*` of the steps upstream of step `index` that recorded outputs."""
+        if not run.producers:
+            return {}
+        seq, memo = self._upstream.get(run.run_id, (-1, {}))
+        if seq != run.producers_seq:
+            memo = {}
+            self._upstream[run.run_id] = (run.producers_seq, memo)
+        wf, recs = run.workflow, run.steps
+        found = upstream(wf.deps, index, lambda i: bool(recs[wf.steps[i].id].outputs), memo)
+        return output_env((wf.steps[i].id, recs[wf.steps[i].id].outputs) for i in sorted(found))
+
     def attempt_started(self, key: AttemptKey, info: StartInfo) -> None:
         """The attempt's leader runs: AttemptStarted, once per loop iteration's spawns."""
         self._unrecorded[key] = info
@@ -535,9 +556,13 @@ class Engine:
 
     def attempt_ended(self, key: AttemptKey, exit_code: int | None, kill_reason: str | None,
                       start_error: str | None = None,
-                      usage: tuple[float, int] | None = None) -> None:
+                      usage: tuple[float, int] | None = None,
+                      outputs: dict[str, str] | None = None,
+                      output_error: str | None = None) -> None:
         """Record how an attempt ended (called by the executor once its tree is gone);
-        an outcome is recorded once: an attempt no longer RUNNING is left as it is."""
+        an outcome is recorded once: an attempt no longer RUNNING is left as it is.
+        `outputs` are what it wrote to $WFD_OUTPUT, `output_error` why that file was
+        refused (which fails an attempt that exited 0)."""
         run = self.runs.get(key.run_id)
         rec = run.steps[key.step] if run is not None and not run.finished else None
         if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
@@ -549,6 +574,7 @@ class Engine:
         emit = scheduler.outcome(
             run, key.step, key.attempt, exit_code, now=self.clock.now(), rand=random.random(),  # type: ignore[union-attr]
             timed_out=kill_reason == "timeout", start_error=start_error, interrupted=interrupted,
+            outputs=outputs, output_error=output_error,
         )
         fields = dict(emit.fields)
         if usage is not None and emit.kind in ev.ATTEMPT_ENDS:
@@ -758,7 +784,8 @@ class Engine:
         found = self.executor.reattach(stale)  # type: ignore[attr-defined]
         for record in found.ended:
             self.attempt_ended(record.key, record.exit_code, record.kill_reason,
-                               start_error=record.error, usage=(record.cpu, record.max_rss))
+                               start_error=record.error, usage=(record.cpu, record.max_rss),
+                               outputs=record.outputs, output_error=record.output_error)
         lost = [entry for entry in stale if entry.key in set(found.lost)]
         unsent = [entry for entry in stale if entry.key in set(found.unsent)]
         if lost or unsent:  # of an unsent one nothing should be left: made sure of

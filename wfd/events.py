@@ -101,10 +101,12 @@ class AttemptEnd(Event, kw_only=True):
 
 
 class AttemptSucceeded(AttemptEnd, tag=True, kw_only=True):
-    """RUNNING -> SUCCEEDED: the leader exited 0 and its whole tree is gone."""
+    """RUNNING -> SUCCEEDED: the leader exited 0 and its whole tree is gone. `outputs`:
+    the KEY=VALUE lines it wrote to $WFD_OUTPUT (absent when none, and in older logs)."""
 
     step: str
     attempt: int
+    outputs: dict[str, str] = {}
 
 
 class AttemptFailed(AttemptEnd, tag=True, kw_only=True):

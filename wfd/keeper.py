@@ -44,6 +44,8 @@ import msgspec
 
 from wfd.eventlog import Layout
 from wfd.executor import AttemptKey, AttemptSpec, StartFailed
+from wfd.outfile import OutputFile
+from wfd.outputs import OutputInvalid, parse_outputs
 from wfd.users import UserIds
 
 log = logging.getLogger("wfd.keeper")
@@ -127,6 +129,9 @@ class ExitRecord(msgspec.Struct, kw_only=True):
     ended_at: float = 0.0
     cpu: float = 0.0  # user + system seconds of the leader and what it waited for
     max_rss: int = 0  # KiB, the largest of those processes at its peak
+    # What an attempt that exited 0 wrote to $WFD_OUTPUT, or why that file was refused.
+    outputs: dict[str, str] = {}
+    output_error: str | None = None
 
     @property
     def key(self) -> AttemptKey:
@@ -309,6 +314,7 @@ class Keeper:
         self.writer: asyncio.StreamWriter | None = None
         self.started: dict[AttemptKey, float] = {}  # wall-clock start times
         self.timers: dict[AttemptKey, asyncio.TimerHandle] = {}
+        self.outfiles: dict[AttemptKey, OutputFile] = {}  # each running attempt's $WFD_OUTPUT
         self._ends: list[ExitRecord] = []
         self._flush_scheduled = False
         self._retry = 0.0  # seconds before the next try of a failed journal write
@@ -371,7 +377,15 @@ class Keeper:
             why = exc.strerror if isinstance(exc, OSError) else str(exc)
             self._ended(key, None, None, start_error=f"cannot open log: {why}")
             return
-        spec = AttemptSpec(key=key, argv=msg.argv, env=msg.env, cwd=msg.cwd, log_fd=log_fd,
+        try:
+            outfile = self.outfiles[key] = OutputFile.create(user)
+        except OSError as exc:
+            os.close(log_fd)
+            self._ended(key, None, None,
+                        start_error=f"cannot make $WFD_OUTPUT: {exc.strerror or exc}")
+            return
+        env = {**msg.env, "WFD_OUTPUT": outfile.path}
+        spec = AttemptSpec(key=key, argv=msg.argv, env=env, cwd=msg.cwd, log_fd=log_fd,
                            umask=msg.umask, kill_grace=msg.kill_grace, user=user)
         try:
             info = self.executor.start(spec)
@@ -410,14 +424,29 @@ class Keeper:
             timer.cancel()
         cpu, max_rss = usage or (0.0, 0)
         why = "start-failed" if start_error is not None else (kill_reason or "exited")
+        outputs, output_error = self._outputs(key, exit_code == 0 and why == "exited")
         self._ends.append(ExitRecord(
             run_id=key.run_id, step=key.step, attempt=key.attempt, exit_code=exit_code,
             why=why, error=start_error, started_at=self.started.pop(key, time.time()),
-            ended_at=time.time(), cpu=cpu, max_rss=max_rss,
+            ended_at=time.time(), cpu=cpu, max_rss=max_rss, outputs=outputs,
+            output_error=output_error,
         ))
         if not self._flush_scheduled:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush)
+
+    def _outputs(self, key: AttemptKey, succeeded: bool) -> tuple[dict[str, str], str | None]:
+        """A succeeded attempt's outputs (or why they are refused); its file is removed
+        either way, since the record carries what it held."""
+        outfile = self.outfiles.pop(key, None)
+        if outfile is None:
+            return {}, None
+        try:
+            return (parse_outputs(outfile.read()) if succeeded else {}), None
+        except OutputInvalid as exc:
+            return {}, str(exc)
+        finally:
+            outfile.remove()
 
     def _flush(self) -> None:
         """Make the ends durable in one sync, telling the daemon once their lines are in

@@ -143,7 +143,8 @@ class KeptExecutor:
         if not self.attempts:
             self._idle.set()
         self.on_end(record.key, record.exit_code, record.kill_reason,
-                    start_error=record.error, usage=(record.cpu, record.max_rss))
+                    start_error=record.error, usage=(record.cpu, record.max_rss),
+                    outputs=record.outputs, output_error=record.output_error)
 
     def _send(self, msg: k.KMsg) -> None:
         if self.writer is not None and not self.writer.is_closing():

@@ -541,22 +541,28 @@ def outcome(
     timed_out: bool = False,
     start_error: str | None = None,
     interrupted: str | None = None,
+    outputs: dict[str, str] | None = None,
+    output_error: str | None = None,
 ) -> Emit:
     """The event that records how attempt `attempt` of `step_id` ended.
 
     `exit_code` is the leader's (None if it never ran); `interrupted` names a daemon
-    stop or crash, which does not use up a retry; `rand` in [0, 1) scales jitter."""
+    stop or crash, which does not use up a retry; `rand` in [0, 1) scales jitter.
+    `outputs` go with a success; `output_error` (its $WFD_OUTPUT was refused) makes an
+    exit 0 a failure with that error."""
     run_id = run.run_id
     base = {"step": step_id, "attempt": attempt}
     if interrupted is not None and not run.cancelling:
         return Emit(run_id, ev.AttemptInterrupted, {**base, "reason": interrupted})
     if run.cancelling:
         return Emit(run_id, ev.StepCancelled, {**base, "exit_code": exit_code})
-    if exit_code == 0 and not timed_out and start_error is None:
-        return Emit(run_id, ev.AttemptSucceeded, base)
+    if exit_code == 0 and not timed_out and start_error is None and output_error is None:
+        return Emit(run_id, ev.AttemptSucceeded, {**base, "outputs": outputs} if outputs else base)
     step = run.workflow.steps[run.steps[step_id].index]
     if start_error is not None:
         error = f"cannot start: {start_error}"
+    elif output_error is not None and exit_code == 0 and not timed_out:
+        error = output_error
     elif timed_out:
         error = f"timed out after {step.timeout:g} s"
     else:

@@ -96,6 +96,8 @@ class StepStatus(msgspec.Struct):
     # Where its last attempt went when not local ("slurm"), and its job id there.
     executor: str | None = None
     job_id: str | None = None
+    # What its successful attempt wrote to $WFD_OUTPUT (wfd/outputs.py).
+    outputs: dict[str, str] = {}
 
 
 class RunStatus(msgspec.Struct):
@@ -127,6 +129,9 @@ class RunSummary(msgspec.Struct):
     scheduled_at: str | None = None
 
 
+_NO_OUTPUTS: dict[str, str] = {}  # shared, never changed: most steps write none
+
+
 class StepRec:
     """Mutable record of one step inside a `RunState`."""
 
@@ -135,6 +140,7 @@ class StepRec:
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
         "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
         "executor", "token", "job_id", "pool",
+        "outputs",
     )
 
     def __init__(self, step_id: str, index: int, waiting: int, pool: str | None = None) -> None:
@@ -162,6 +168,7 @@ class StepRec:
         self.executor: str | None = None  # its current attempt's batch system, if any
         self.token: str | None = None  # the name of that attempt's job: wfd-<token>
         self.job_id: str | None = None  # that job's id, once accepted
+        self.outputs: dict[str, str] = _NO_OUTPUTS  # from its AttemptSucceeded
 
 
 class RunState:
@@ -172,6 +179,7 @@ class RunState:
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
         "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot",
         "pool_ready", "pool_running",
+        "producers", "producers_seq",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -209,6 +217,10 @@ class RunState:
             (PENDING, READY, RUNNING, RETRY_WAIT, *TERMINAL), 0
         )
         self.counts[PENDING] = len(self.steps)
+        # Steps whose outputs are recorded, and the seq of the event that last changed
+        # which ones are: what a step inherits is computed again only after that changes.
+        self.producers: dict[str, None] = {}
+        self.producers_seq = 0
 
     @property
     def finished(self) -> bool:
@@ -368,6 +380,10 @@ def _eff_submitted(run: RunState, rec: StepRec, event: ev.AttemptSubmitted) -> N
 def _eff_succeeded(run: RunState, rec: StepRec, event: ev.AttemptSucceeded) -> None:
     rec.exit_code = 0
     rec.error = None
+    if event.outputs:
+        rec.outputs = event.outputs
+        run.producers[rec.id] = None
+        run.producers_seq = event.seq
     _on_succeeded(run, rec)
 
 
@@ -468,6 +484,7 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
         if rec.state == SUCCEEDED:
             continue
         _move(run, rec, PENDING)
+        _forget_outputs(run, rec, event.seq)
         rec.failures = 0
         rec.error = None
         rec.started_at = rec.finished_at = None
@@ -479,6 +496,14 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
     run.state = RUNNING
     run.cancelling = False
     run.finished_at = None
+
+
+def _forget_outputs(run: RunState, rec: StepRec, seq: int) -> None:
+    """A step that runs again has no outputs until it succeeds again."""
+    if rec.outputs:
+        rec.outputs = _NO_OUTPUTS
+        del run.producers[rec.id]
+        run.producers_seq = seq
 
 
 _RUN_EFFECTS: dict[type[ev.Event], Callable] = {
@@ -520,6 +545,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
         containment=rec.containment, executor=rec.executor, job_id=rec.job_id,
+        outputs=rec.outputs,
     )
 
 
@@ -573,7 +599,8 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
     ev.AttemptSubmitting: lambda e: (
         f"{e.step}: attempt {e.attempt} submitting to {e.executor} as job wfd-{e.token}"),
     ev.AttemptSubmitted: lambda e: f"{e.step}: attempt {e.attempt} is job {e.job_id}",
-    ev.AttemptSucceeded: lambda e: f"{e.step}: SUCCEEDED (attempt {e.attempt})",
+    ev.AttemptSucceeded: lambda e: f"{e.step}: SUCCEEDED (attempt {e.attempt}"
+    + (f"; outputs {', '.join(e.outputs)})" if e.outputs else ")"),
     ev.AttemptFailed: lambda e: (
         f"{e.step}: RETRY_WAIT (attempt {e.attempt} failed: {e.error}; retry at {e.retry_at})"
     ),

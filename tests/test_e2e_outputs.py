@@ -1,0 +1,230 @@
+"""Outputs between steps (issue 15) through the real `wfd`, keeper and `wfctl`.
+
+A step writes KEY=VALUE lines to `$WFD_OUTPUT`; once it succeeds they are in
+its AttemptSucceeded, and every step downstream of it, directly or not, gets
+them as `WFD_OUT_<STEP>_<KEY>`. Proven here: a grandchild sees them (and a step
+beside the producer does not), they show in `status --json`, `status` and
+`replay`; they survive a kill -9 of the daemon while the producer runs (the
+keeper's exit record carries them) and a restart that reruns the consumer;
+`resume` does not recompute them; a file over the cap or with a bad line fails
+the attempt with the reason; and in a system daemon a step of `nobody` writes
+them through a file it may write but not replace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import Daemon, replay_events, run_json, wait_for_state, wait_until, write_workflow
+
+ENV_DUMP = "env | grep '^WFD_OUT_' | sort"
+
+
+def lines(path: Path) -> list[str]:
+    try:
+        return path.read_text().splitlines()
+    except FileNotFoundError:
+        return []
+
+
+def log_events(d: Daemon, run_id: str) -> list[dict]:
+    """The run's log as it is on disk (readable while no daemon runs)."""
+    text = (d.state_dir / "runs" / run_id / "events.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def succeeded(events: list[dict], step: str) -> list[dict]:
+    return [e for e in events if e["type"] == "AttemptSucceeded" and e["step"] == step]
+
+
+@pytest.mark.timeout(120)
+def test_outputs_reach_a_grandchild_and_show_in_status_and_replay(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "make-tar", "command": "echo FILE=/data/x.tar >> $WFD_OUTPUT; "
+                                      "printf 'ROWS=3\\n\\nNOTE=a = b\\n' >> $WFD_OUTPUT"},
+        {"id": "child", "command": f"echo B=2 >> $WFD_OUTPUT; {ENV_DUMP} > child.env",
+         "depends_on": ["make-tar"]},
+        {"id": "grandchild", "command": f"{ENV_DUMP} > grandchild.env; "
+                                        'echo "$WFD_OUTPUT" > grandchild.path',
+         "depends_on": ["child"]},
+        {"id": "beside", "command": f"{ENV_DUMP} > beside.env"},
+    ]})
+    d = daemon()
+    run_id = d.submit(wf, "--wait")
+    assert lines(wfd_tmp / "child.env") == [
+        "WFD_OUT_make_2Dtar_FILE=/data/x.tar", "WFD_OUT_make_2Dtar_NOTE=a = b",
+        "WFD_OUT_make_2Dtar_ROWS=3"]
+    assert lines(wfd_tmp / "grandchild.env") == [
+        "WFD_OUT_child_B=2", "WFD_OUT_make_2Dtar_FILE=/data/x.tar",
+        "WFD_OUT_make_2Dtar_NOTE=a = b", "WFD_OUT_make_2Dtar_ROWS=3"]
+    assert lines(wfd_tmp / "beside.env") == []
+
+    status = run_json(d, run_id)
+    assert status["steps"]["make-tar"]["outputs"] == {
+        "FILE": "/data/x.tar", "ROWS": "3", "NOTE": "a = b"}
+    assert status["steps"]["child"]["outputs"] == {"B": "2"}
+    assert status["steps"]["grandchild"]["outputs"] == {}
+    [event] = succeeded(replay_events(d, run_id), "make-tar")
+    assert event["outputs"] == {"FILE": "/data/x.tar", "ROWS": "3", "NOTE": "a = b"}
+    replayed = json.loads(d.wfctl("replay", run_id, "--json").stdout)["state"]
+    assert replayed["steps"] == status["steps"]
+    human = d.wfctl("replay", run_id).stdout
+    assert "make-tar: SUCCEEDED (attempt 1; outputs FILE, ROWS, NOTE)" in human
+    shown = d.wfctl("status", run_id).stdout.splitlines()
+    assert shown[shown.index("STEP      OUTPUT") + 1:] == [
+        "make-tar  FILE=/data/x.tar", "make-tar  ROWS=3", "make-tar  NOTE=a = b",
+        "child     B=2"]
+    # the file the attempt was given is gone with its directory
+    path = Path(lines(wfd_tmp / "grandchild.path")[0])
+    assert path.name == "output" and path.parent.name.startswith("wfd-out-")
+    assert not path.parent.exists()
+
+
+@pytest.mark.timeout(180)
+def test_outputs_survive_a_kill_9_between_producer_and_consumer(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """The daemon dies while the producer runs; the producer ends with no daemon up (its
+    outputs go into the keeper's exit record); the next daemon records them and starts the
+    consumer with them. Then a stop interrupts the consumer, and the daemon after that
+    (which knows the outputs from the log alone) gives them to its second attempt."""
+    seen = wfd_tmp / "seen"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "produce", "command": "echo KEY=from-produce >> $WFD_OUTPUT; touch wrote; "
+                                     "while [ ! -f go ]; do sleep 0.05; done"},
+        {"id": "consume", "command": f'echo "$WFD_ATTEMPT $WFD_OUT_produce_KEY" >> {seen}; '
+                                     "while [ ! -f go2 ]; do sleep 0.05; done",
+         "depends_on": ["produce"]},
+    ]})
+    d = daemon()
+    run_id = d.submit(wf)
+    wait_until(lambda: (wfd_tmp / "wrote").exists(), 30, message="the producer to write")
+    d.kill()
+    (wfd_tmp / "go").touch()
+    journals = d.state_dir / "keeper"
+
+    def recorded() -> bool:
+        return any("from-produce" in p.read_text() for p in journals.glob("exits-*.jsonl"))
+
+    wait_until(recorded, 30, message="the keeper's exit record with the outputs")
+    assert not succeeded(log_events(d, run_id), "produce")  # no daemon recorded it
+    d.start()
+    wait_until(lambda: lines(seen) == ["1 from-produce"], 30, message="the consumer's start")
+    [event] = succeeded(log_events(d, run_id), "produce")
+    assert event["outputs"] == {"KEY": "from-produce"}
+
+    d.stop()  # stops the consumer: interrupted, and run again by the next daemon
+    d.start()
+    wait_until(lambda: lines(seen) == ["1 from-produce", "2 from-produce"], 30,
+               message="the consumer's second attempt")
+    (wfd_tmp / "go2").touch()
+    status = wait_for_state(d, run_id, "SUCCEEDED", timeout=60)
+    assert status["steps"]["produce"]["attempts"] == 1
+    assert status["steps"]["produce"]["outputs"] == {"KEY": "from-produce"}
+
+
+@pytest.mark.timeout(120)
+def test_resume_does_not_recompute_outputs(daemon: Callable[..., Daemon],
+                                           wfd_tmp: Path) -> None:
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "a", "command": "echo run >> a.runs; echo V=$(wc -l < a.runs) >> $WFD_OUTPUT"},
+        {"id": "b", "command": 'test -f ok && echo "$WFD_OUT_a_V" > got',
+         "depends_on": ["a"]},
+    ]})
+    d = daemon()
+    done = d.wfctl("run", str(wf), "--wait")
+    assert done.returncode == 1, done.stderr
+    run_id = done.stdout.strip()
+    (wfd_tmp / "ok").touch()
+    done = d.wfctl("resume", run_id)
+    assert done.returncode == 0, done.stderr
+    status = wait_for_state(d, run_id, "SUCCEEDED")
+    assert lines(wfd_tmp / "a.runs") == ["run"]
+    assert lines(wfd_tmp / "got") == ["1"]
+    assert status["steps"]["a"]["outputs"] == {"V": "1"}
+
+
+@pytest.mark.timeout(120)
+def test_a_file_over_the_cap_or_with_a_bad_line_fails_the_attempt(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "big", "retries": 1, "backoff": {"initial": 0.1},
+         "command": "head -c 70000 /dev/zero | tr '\\0' x | sed 's/^/K=/' >> $WFD_OUTPUT"},
+        {"id": "after-big", "command": "true", "depends_on": ["big"]},
+        {"id": "bad", "command": "echo A=1 >> $WFD_OUTPUT; echo 'no equals' >> $WFD_OUTPUT"},
+        {"id": "key", "command": "echo 'my-key=1' >> $WFD_OUTPUT"},
+        {"id": "fine", "command": "printf 'K=%065000d\\n' 0 >> $WFD_OUTPUT"},
+    ]})
+    d = daemon()
+    done = d.wfctl("run", str(wf), "--wait")
+    assert done.returncode == 1, done.stderr
+    steps = run_json(d, done.stdout.strip())["steps"]
+    big = steps["big"]
+    assert (big["state"], big["attempts"], big["exit_code"]) == ("FAILED", 2, 0)
+    assert big["error"] == "output file ($WFD_OUTPUT) is over 65536 bytes"
+    assert big["outputs"] == {}
+    assert steps["after-big"]["state"] == "SKIPPED"
+    assert steps["bad"]["state"] == "FAILED"
+    assert steps["bad"]["error"] == ('output file ($WFD_OUTPUT) line 2: expected KEY=VALUE, '
+                                     'got "no equals"')
+    assert steps["key"]["error"] == ('output file ($WFD_OUTPUT) line 1: invalid key "my-key" '
+                                     "(must match [A-Za-z][A-Za-z0-9_]{0,127})")
+    assert steps["fine"]["state"] == "SUCCEEDED"
+    assert len(steps["fine"]["outputs"]["K"]) == 65000
+
+
+# ---- a system daemon: the step runs as nobody ----------------------------------------------
+
+try:
+    from test_socket_users import (  # noqa: F401 - fixtures
+        NOBODY,
+        accounts,
+        client,
+        foreign_python,
+        nobody_dir,
+        system_daemon,
+    )
+except ImportError:  # pragma: no cover
+    NOBODY = "nobody"
+
+
+@pytest.mark.timeout(240)
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to run steps as nobody")
+def test_system_daemon_steps_of_nobody_pass_outputs(
+        daemon: Callable[..., Daemon], sandbox: Any, foreign_python: Any,
+        accounts: Any) -> None:
+    """$WFD_OUTPUT is a file nobody may write but not replace (the run dir is root's): a
+    step that tries to put a symlink to a root-only file in its place cannot, and what it
+    writes reaches the next step."""
+    d = system_daemon(daemon, sandbox, accounts)
+    work = nobody_dir(sandbox.root / "work")
+    secret = sandbox.root / "secret"
+    secret.write_text("SECRET=root-only\n")
+    os.chmod(secret, 0o600)
+    attack = ('id -u > who; ls -ld "$(dirname "$WFD_OUTPUT")" "$WFD_OUTPUT" > where; '
+              f'rm -f "$WFD_OUTPUT" 2> rm.err; ln -sf {secret} "$WFD_OUTPUT" 2> ln.err; '
+              'echo "WHO=$(id -un)" >> "$WFD_OUTPUT"')
+    wf = write_workflow(work, {"steps": [
+        {"id": "produce", "command": attack},
+        {"id": "consume", "command": 'echo "$WFD_OUT_produce_WHO" > got',
+         "depends_on": ["produce"]},
+    ]})
+    os.chmod(wf, 0o644)
+    done = client(foreign_python, d, NOBODY, "run", str(wf), "--wait")
+    assert done.returncode == 0, done.stderr
+    nobody = pwd.getpwnam(NOBODY)
+    assert lines(work / "who") == [str(nobody.pw_uid)]
+    assert lines(work / "got") == [NOBODY]
+    assert "Permission denied" in (work / "rm.err").read_text()
+    directory, output = lines(work / "where")
+    assert directory.startswith("drwx--x---") and " root " in directory, directory
+    assert output.startswith("-rw-------") and f" {NOBODY} " in output, output
+    assert str(d.state_dir) not in directory
+    status = json.loads(d.wfctl("status", done.stdout.strip(), "--json").stdout)
+    assert status["steps"]["produce"]["outputs"] == {"WHO": NOBODY}
