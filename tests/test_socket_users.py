@@ -452,3 +452,33 @@ def test_system_daemon_membership_comes_from_the_group_database(
             "to add you)\n")
         assert time.monotonic() - started < 10
     wait_until(lambda: "refused a connection" in d.log_text())
+
+
+def test_system_daemon_prunes_only_the_askers_runs(
+        daemon: Callable[..., Daemon], sandbox: Any, foreign_python: Runtime,
+        accounts: Accounts) -> None:
+    """`wfctl prune` (issue 14) never removes another user's runs, except root's prune."""
+    from bigruns import finished_run, run_id
+
+    os.chmod(sandbox.root, 0o711)
+    d = daemon(extra=["--system", "--socket-group", accounts.group],
+               socket=sandbox.root / "run" / "wfd.sock", start=False)
+    owners = [(pwd.getpwnam(NOBODY).pw_uid, NOBODY),
+              (pwd.getpwnam(accounts.member).pw_uid, accounts.member)]
+    made = {name: [] for _, name in owners}
+    for i in range(6):
+        uid, name = owners[i % 2]
+        made[name].append(finished_run(d.state_dir, run_id(i), "SUCCEEDED", uid=uid,
+                                       owner=name).name)
+    d.start()
+    done = client(foreign_python, d, accounts.member, "prune", "--keep", "0", "--dry-run")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == made[accounts.member]
+    done = client(foreign_python, d, accounts.member, "prune", "--keep", "1")
+    assert done.stdout.splitlines() == made[accounts.member][:2]
+    left = sorted(r["run_id"] for r in json.loads(d.wfctl("status", "--json").stdout))
+    assert left == sorted(made[NOBODY] + made[accounts.member][2:])
+    done = d.wfctl("prune", "--keep", "1")  # root: everyone's runs, the newest one kept
+    assert done.stdout.splitlines() == made[NOBODY]
+    assert [r["run_id"] for r in json.loads(d.wfctl("status", "--json").stdout)] == \
+        made[accounts.member][2:]

@@ -136,6 +136,21 @@ def _count(text: str) -> int:
     return int(text)
 
 
+def _count_or_zero(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count 0, 1, 2, ..., got {text!r}")
+    return int(text)
+
+
+def _duration(text: str) -> float:
+    from wfd.durations import parse_duration
+
+    try:
+        return parse_duration(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _since(text: str) -> float:
     import time
 
@@ -242,6 +257,17 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
       (("--attempt",), {"metavar": "N", "type": _positive,
                         "help": "this attempt (default: the latest)"}),
       (("--follow",), {"action": "store_true", "help": "stream output as it comes"})]),
+    ("prune", "remove finished runs (yours; root: anyone's), their logs and outputs",
+     [(("--keep",), {"metavar": "N", "type": _count_or_zero,
+                     "help": "keep the newest N of the runs selected"}),
+      (("--older-than",), {"metavar": "DURATION", "type": _duration,
+                           "help": "only runs that finished more than DURATION ago (7d, 12h)"}),
+      (("--state",), {"metavar": "S", "action": "append", "type": str.upper, "default": [],
+                      "help": "only runs in state S (repeatable; default: SUCCEEDED, FAILED "
+                              "and CANCELLED; never an unfinished run)"}),
+      (("--name",), {"metavar": "N", "help": "only runs of workflow N"}),
+      (("--dry-run",), {"action": "store_true", "help": "only list what would be removed"}),
+      _JSON]),
     ("shutdown", "stop the daemon as SIGTERM would (running steps go on)",
      [(("--stop-steps",), {"action": "store_true",
                            "help": "stop the running steps first (they run again on the "
@@ -623,6 +649,23 @@ def cmd_logs(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_prune(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    request = protocol.Prune(keep=args.keep, older_than=args.older_than, states=args.state,
+                             name=args.name, dry_run=args.dry_run)
+    reply = _connect(args).call(request, protocol.Pruned)
+    run_ids = reply.run_ids  # type: ignore[attr-defined]
+    if args.json:
+        _print_json({"run_ids": run_ids, "dry_run": args.dry_run})
+        return EXIT_OK
+    if run_ids:
+        out("\n".join(run_ids))
+    count = f"{len(run_ids)} run{'' if len(run_ids) == 1 else 's'}"
+    say(f"would remove {count} (--dry-run)" if args.dry_run else f"removed {count}")
+    return EXIT_OK
+
+
 def cmd_shutdown(args: argparse.Namespace) -> int:
     from wfd import protocol
 
@@ -693,7 +736,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
     "replay": cmd_replay, "resume": cmd_resume, "resume-all": cmd_resume_all,
-    "logs": cmd_logs, "shutdown": cmd_shutdown,
+    "logs": cmd_logs, "prune": cmd_prune, "shutdown": cmd_shutdown,
     "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
 }
 

@@ -197,6 +197,8 @@ class Daemon:
         self.lock_fd = lock_state_dir(self.state_dir, self.socket_path)
         layout = Layout(self.state_dir)
         discard_unacknowledged(layout)  # crashed submits: no run, and not CORRUPT for ever
+        if layout.remove_tombstones():  # what a crash left of a prune: gone, finish it
+            log.info("finished deleting runs pruned before a crash")
         return layout
 
     def _listening_socket(self) -> tuple[socket.socket, bool]:

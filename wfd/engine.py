@@ -270,6 +270,48 @@ class Engine:
         items.sort(key=lambda item: item[0].run_id)
         return items
 
+    async def prune(self, run_ids: list[str]) -> list[str]:
+        """Remove these finished runs, from memory and from disk (crash-safely:
+        `Layout.prune`); the ids removed. A run that is not finished, or is in use (being
+        loaded, its last events not durable yet, waited for or watched), is left for a
+        later prune."""
+        taken: dict[str, Stub] = {}
+        for run_id in run_ids:
+            stub = self._take_for_prune(run_id)
+            if stub is not None:
+                taken[run_id] = stub
+        if not taken:
+            return []
+        try:
+            removed = await asyncio.to_thread(self.layout.prune, list(taken))
+        except OSError as exc:  # the fsync of runs/: the renames may not be durable
+            log.error("pruning runs: %s", exc.strerror or exc)
+            removed = []
+        for run_id in set(taken) - set(removed):  # still on disk: still a run
+            self.stubs[run_id] = taken[run_id]
+        if removed:
+            log.info("pruned %d run(s)", len(removed))
+        return removed
+
+    def _take_for_prune(self, run_id: str) -> Stub | None:
+        """Forget a finished run that nothing uses (its stub, to put back if its directory
+        cannot be removed); None if it must stay."""
+        if (run_id in self._loading or run_id in self.sched or run_id in self._adopting
+                or self.committer.pending(run_id) or self._finish_waiters.get(run_id)
+                or self.watchers.get(run_id)):
+            return None
+        run = self.runs.get(run_id)
+        if run is not None:
+            if not (run.finished or run.state == st.CORRUPT):
+                return None
+            stub = store.stub_of(run)
+            del self.runs[run_id]
+            self.ctx.pop(run_id, None)
+            self._recent.pop(run_id, None)
+            self.committer.drop_run(run_id)
+            return stub
+        return self.stubs.pop(run_id, None)
+
     async def verify_stubs(self) -> None:
         """Fold every finished run once, in the background, so that a damaged log is
         reported as CORRUPT soon after the start, not only when someone asks for it.

@@ -27,6 +27,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import stat
 import threading
 from collections.abc import Collection, Iterable
@@ -36,12 +37,14 @@ from pathlib import Path
 import msgspec
 
 from wfd import events as ev
+from wfd import faults
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 SUBMISSION_FORMAT = 1
 EVENTS = "events.jsonl"
 WORKFLOW = "workflow.json"
 LOGS = "logs"
+TOMBSTONE = ".pruned-"  # a run dir being pruned (not a run id: loading never sees it)
 
 _NOFOLLOW = os.O_NOFOLLOW | os.O_CLOEXEC
 _DIR = os.O_RDONLY | os.O_DIRECTORY | _NOFOLLOW
@@ -288,6 +291,49 @@ class Layout:
             _discard(self.runs_fd(), _checked(run_id))
         except OSError:
             pass
+
+    def prune(self, run_ids: Iterable[str]) -> list[str]:
+        """Remove finished runs crash-safely: each directory is renamed to a tombstone
+        (`.pruned-<id>`, which is no run id: loading never sees it), the renames are made
+        durable with one fsync of `runs/`, and only then are the tombstones deleted. A
+        crash at any point leaves every run whole (not renamed yet) or gone (a tombstone,
+        which `remove_tombstones` deletes at the next start). Returns the ids renamed;
+        one that cannot be is logged and left whole."""
+        runs = self.runs_fd()
+        renamed = []
+        for run_id in run_ids:
+            try:
+                os.rename(_checked(run_id), TOMBSTONE + run_id, src_dir_fd=runs,
+                          dst_dir_fd=runs)
+            except OSError as exc:
+                log.warning("cannot prune run %s: %s", run_id, exc.strerror or exc)
+                continue
+            renamed.append(run_id)
+            faults.hit("prune-renamed")  # tests: a crash between renames
+        if renamed:
+            os.fsync(runs)
+        self.remove_tombstones()
+        return renamed
+
+    def remove_tombstones(self) -> int:
+        """Delete what pruning renamed (at start-up: what a crash left half-deleted);
+        the number deleted. A tombstone that cannot be deleted is logged and left."""
+        try:
+            fd = os.open(".", _DIR, dir_fd=self.runs_fd())
+        except FileNotFoundError:
+            return 0
+        try:
+            names = [n for n in os.listdir(fd) if n.startswith(TOMBSTONE)]
+        finally:
+            os.close(fd)
+        for name in names:
+            faults.hit("prune-delete")  # tests: a crash while deleting
+            try:
+                shutil.rmtree(self.runs / name)  # fd-based on Linux: follows no symlink
+            except OSError as exc:
+                log.warning("cannot delete pruned run %s: %s", name[len(TOMBSTONE):],
+                            exc.strerror or exc)
+        return len(names)
 
     def read_submission(self, run_id: str) -> Submission:
         return _submission_decoder.decode(read_file(self._file(run_id, WORKFLOW)))

@@ -142,6 +142,19 @@ class Logs(Message):
     offset: NonNegative = 0
 
 
+class Prune(Message):
+    """Remove finished runs the peer may remove (its own; root's: anyone's): those in one
+    of `states` (default SUCCEEDED, FAILED, CANCELLED) of workflow `name`, except the
+    newest `keep`, that finished more than `older_than` seconds ago; with `dry_run`
+    only say which. Answered by `Pruned`."""
+
+    keep: NonNegative | None = None
+    older_than: Annotated[float, msgspec.Meta(ge=0)] | None = None
+    states: list[str] = msgspec.field(default_factory=list)
+    name: str | None = None
+    dry_run: bool = False
+
+
 class Shutdown(Message):
     """Stop the daemon as SIGTERM would (running attempts go on under the keeper; with
     `stop_steps`, they are stopped first); answered with `Ok` before it stops."""
@@ -150,7 +163,7 @@ class Shutdown(Message):
 
 
 Request = Union[  # noqa: UP007
-    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Shutdown
+    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Prune, Shutdown
 ]
 
 # ---- replies --------------------------------------------------------------
@@ -230,6 +243,13 @@ class Resumed(Message):
     run_ids: list[str]
 
 
+class Pruned(Message):
+    """The runs removed (with `dry_run`: that would be), oldest first."""
+
+    run_ids: list[str]
+    dry_run: bool = False
+
+
 class Progress(Message):
     """Events of a watched run, in seq order."""
 
@@ -289,7 +309,7 @@ class Fragment(Message):
 
 Reply = Union[  # noqa: UP007
     Error, Ok, HelloReply, Submitted, RunInfo, RunList, Cancelled, Replayed, Resumed,
-    Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart, Fragment,
+    Pruned, Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart, Fragment,
 ]
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

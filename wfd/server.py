@@ -26,7 +26,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from wfd import __version__, channel, history, runref
+from wfd import __version__, channel, history, retention, runref
 from wfd import events as ev
 from wfd import protocol as p
 from wfd import state as st
@@ -96,7 +96,7 @@ class Server:
             p.Hello: self.hello, p.Submit: self.submit, p.Status: self.status,
             p.Cancel: self.cancel, p.Replay: self.replay, p.Resume: self.resume,
             p.ResumeAll: self.resume_all, p.Watch: self.watch, p.Logs: self.logs,
-            p.Shutdown: self.shutdown,
+            p.Prune: self.prune, p.Shutdown: self.shutdown,
         }
 
     @staticmethod
@@ -396,6 +396,20 @@ class Server:
                 return offset
             await send(p.LogData(attempt, chunk))
             offset += len(chunk)
+
+    async def prune(self, peer: Peer, req: p.Prune, send: Channel) -> None:
+        """Finished runs of the peer's (root: anyone's) that the request selects."""
+        retention.check_states(req.states)
+        if req.keep is None and req.older_than is None and not req.states and req.name is None:
+            raise UsageError("say which runs to prune: --keep N, --older-than DURATION, "
+                             "--state S or --name N (all finished runs: --keep 0)")
+        mine = (summary for summary, owner_uid in self.engine.summaries()
+                if peer.root or not self.system or owner_uid == peer.uid)
+        chosen = retention.choose(mine, self.engine.clock.now(), keep=req.keep,
+                                  older_than=req.older_than, states=req.states, name=req.name)
+        if not req.dry_run:
+            chosen = await self.engine.prune(chosen)
+        await send(p.Pruned(chosen, req.dry_run))
 
     async def shutdown(self, peer: Peer, req: p.Shutdown, send: Channel) -> None:
         if not (peer.root or peer.uid == self.uid):
