@@ -584,7 +584,8 @@ def test_run_follow_shows_each_transition(wfctl: Callable, wfd_tmp: Path,
     lines = done.stderr.splitlines()
     assert lines[:4] == [f"09:58:52 {describe(e)}" for e in events_of()]
     assert lines[2] == "09:58:52 extract: RUNNING (attempt 1)"
-    assert any(line.startswith("load") and "timed out after 120 s" in line for line in lines)
+    assert any(line.startswith("load") and "killed by SIGKILL (timeout)" in line
+               for line in lines)
     assert lines[-1].startswith(f"run {RUN_ID} FAILED")
 
 
@@ -653,13 +654,17 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     expected = msgspec.json.format(msgspec.json.encode(status), indent=2) + b"\n"
     assert done.stdout.encode() == expected
     doc = json.loads(done.stdout, object_pairs_hook=lambda pairs: pairs)
+    # SPEC's keys first, in SPEC's order; added ones after them (issue 14: running time)
     assert [k for k, _ in doc] == ["run_id", "name", "owner", "state", "created_at",
                                    "finished_at", "error", "steps", "schedule",
-                                   "scheduled_at", "vars"]
+                                   "scheduled_at", "vars", "run_seconds", "running_since",
+                                   "waiting_for_resume"]
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",
-                                                    "depends_on", "cpu", "max_rss", "containment"]
+                                                    "depends_on", "cpu", "max_rss",
+                                                    "containment", "executor", "job_id",
+                                                    "outputs", "exit_signal"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 
@@ -670,7 +675,8 @@ def test_status_list_json(wfctl: Callable, fake: Callable) -> None:
     assert done.returncode == 0, done.stderr
     doc = json.loads(done.stdout, object_pairs_hook=lambda pairs: pairs)
     assert [k for k, _ in doc[0]] == ["run_id", "name", "owner", "state", "created_at",
-                                      "finished_at", "schedule", "scheduled_at"]
+                                      "finished_at", "schedule", "scheduled_at",
+                                      "run_seconds", "running_since", "waiting_for_resume"]
     assert msgspec.json.decode(done.stdout, type=list[RunSummary]) == runs
 
 
@@ -685,8 +691,8 @@ def test_status_table(wfctl: Callable, fake: Callable) -> None:
     assert lines[1].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU",
                                 "ERROR"]
     assert lines[2].split() == ["extract", "SUCCEEDED", "1", "0", "1.2s", "0.73s", "-"]
-    assert lines[3].split()[:6] == ["load", "FAILED", "3", "-9", "3m02s", "-"]
-    assert lines[3].endswith("timed out after 120 s")
+    assert lines[3].split()[:6] == ["load", "FAILED", "3", "SIGKILL", "3m02s", "-"]
+    assert lines[3].endswith("killed by SIGKILL (timeout)")  # not "-9" (issue 14)
 
 
 def test_status_of_a_corrupt_run_shows_its_error(wfctl: Callable, fake: Callable) -> None:
@@ -706,8 +712,9 @@ def test_status_of_all_runs(wfctl: Callable, fake: Callable) -> None:
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
     assert lines[0].split() == ["RUN_ID", "NAME", "STATE", "OWNER", "CREATED", "DURATION"]
+    # local time with its zone (issue 14's one rule)
     assert lines[1].split() == [RUN_ID, "etl", "SUCCEEDED", "root", "2026-11-25", "09:58:52",
-                                "10.0s"]
+                                "UTC", "10.0s"]
 
 
 def replayed(problems: list[str] = (), torn: str | None = None) -> p.Replayed:  # type: ignore

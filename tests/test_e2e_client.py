@@ -15,12 +15,15 @@ from wfd.events import parse_ts
 
 RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
+# SPEC 5's keys in its order, then those added since (issue 14: running time, signal name)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
-            "schedule", "scheduled_at", "vars"]
+            "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
+            "waiting_for_resume"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
-             "depends_on", "cpu", "max_rss", "containment"]
+             "depends_on", "cpu", "max_rss", "containment", "executor", "job_id", "outputs",
+             "exit_signal"]
 LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
-             "scheduled_at"]
+             "scheduled_at", "run_seconds", "running_since", "waiting_for_resume"]
 
 MIXED = {"name": "mixed", "steps": [
     {"id": "ok", "command": "echo fine"},
@@ -101,7 +104,9 @@ def test_status_json_schema(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
     assert skipped == {"state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
                        "finished_at": skipped["finished_at"],
                        "error": "skipped: upstream step 'bad' failed", "depends_on": ["bad"],
-                       "cpu": None, "max_rss": None, "containment": None}  # it never ran
+                       "cpu": None, "max_rss": None, "containment": None,
+                       "executor": None, "job_id": None, "outputs": {},
+                       "exit_signal": None}  # it never ran
     for step in (ok, bad):
         # what wait4 measured of its attempt (issue 12): CPU seconds and peak RSS in KiB
         assert isinstance(step["cpu"], float) and step["cpu"] >= 0, step

@@ -523,6 +523,31 @@ def test_resume_after_failure_resets_failed_and_skipped_steps() -> None:
     assert_refused(story, ev.StepReady, "dependencies not SUCCEEDED", step="b")
 
 
+def test_running_time_leaves_out_the_time_between_a_failure_and_its_resume() -> None:
+    """Issue 14: a resumed run's duration is its running time, and a list that knows the
+    run by its first and last events (a Stub) gets the same figure from RunFinished."""
+    story = failed_story()  # created at T0, two seconds of attempts
+    story.finish(st.FAILED)
+    first = st.run_summary(story.run)
+    assert (first.run_seconds, first.running_since) == (2.0, None)
+    story.later(3600)  # an hour FAILED before anybody resumes it
+    story.emit(ev.RunResumed)
+    assert st.run_status(story.run).running_since == ev.format_ts(story.now)
+    for step in ("a", "b"):
+        story.ready(step)
+        story.succeed(step)  # one second each
+    fields = scheduler._finished_fields(story.run, story.now)
+    assert fields == {"state": st.SUCCEEDED, "ran": 4.0}
+    story.emit(ev.RunFinished, **fields)
+    summary = st.run_summary(story.run)
+    assert (summary.run_seconds, summary.running_since) == (4.0, None)
+
+
+def test_a_run_never_resumed_logs_no_running_time() -> None:
+    story = failed_story()
+    assert scheduler._finished_fields(story.run, story.now) == {"state": st.FAILED}
+
+
 def test_resume_gives_a_fresh_retry_budget_and_numbers_go_on() -> None:
     story = failed_story()
     story.finish(st.FAILED)
@@ -663,13 +688,16 @@ def ordered(data: bytes) -> Any:
     return json.loads(data, object_pairs_hook=lambda pairs: pairs)
 
 
+# SPEC 5's keys in its order, then the ones added since (issue 14: exit_signal, running
+# time, waiting_for_resume)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
-            "schedule", "scheduled_at", "vars"]
+            "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
+            "waiting_for_resume"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id",
-             "outputs"]
+             "outputs", "exit_signal"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
-                "scheduled_at"]
+                "scheduled_at", "run_seconds", "running_since", "waiting_for_resume"]
 
 
 def test_run_status_has_the_spec_5_shape() -> None:
@@ -710,7 +738,8 @@ def test_run_status_values() -> None:
     assert RFC3339_US.match(status["finished_at"])
     assert status["steps"]["ok"] == {
         "state": "SUCCEEDED", "attempts": 1, "exit_code": 0, "started_at": started,
-        "finished_at": ev.format_ts(T0 + 1), "error": None, "depends_on": [],
+        "finished_at": ev.format_ts(T0 + 1), "error": None, "exit_signal": None,
+        "depends_on": [],
         "cpu": None, "max_rss": None, "containment": None,
         "executor": None, "job_id": None, "outputs": {},
     }
@@ -718,10 +747,11 @@ def test_run_status_values() -> None:
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
         "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
-        "executor": None, "job_id": None, "outputs": {},
+        "executor": None, "job_id": None, "outputs": {}, "exit_signal": None,
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"
+    assert status["steps"]["killed"]["exit_signal"] == "SIGKILL"
     assert status["steps"]["killed"]["attempts"] == 1
     assert (status["steps"]["killed"]["cpu"], status["steps"]["killed"]["max_rss"]) == (0.25, 2048)
 

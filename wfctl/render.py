@@ -2,7 +2,10 @@
 
 Pure functions from the protocol's status views to lines; `now` is passed in,
 so the output of a given status at a given moment is fixed (and testable).
-Times are shown in local time, durations rounded for the eye. Whatever
+Times are shown by one rule: local time, with the zone's abbreviation after
+every date and time (`2026-12-04 09:30:08 CET`; UTC where TZ says so), and as
+`HH:MM:SS` alone on progress lines. Durations are rounded for the eye, and a
+run's duration is its running time (a resumed run's time FAILED does not count). Whatever
 came from a user or the daemon (names, errors) is passed through
 `printable`: a control character is shown as an escape, never sent to the
 terminal.
@@ -13,12 +16,21 @@ from __future__ import annotations
 import time
 
 from wfd.events import parse_ts
-from wfd.state import RUNNING, RunStatus, RunSummary
+from wfd.state import (
+    CANCELLED,
+    FAILED,
+    RETRY_WAIT,
+    RUNNING,
+    RunStatus,
+    RunSummary,
+    StepStatus,
+    signal_name,
+)
 from wfd.text import printable
 
 
-def local_time(ts: str | None, fmt: str = "%Y-%m-%d %H:%M:%S") -> str:
-    """An RFC 3339 UTC time as local time; `-` when unknown."""
+def local_time(ts: str | None, fmt: str = "%Y-%m-%d %H:%M:%S %Z") -> str:
+    """An RFC 3339 UTC time as local time with its zone; `-` when unknown."""
     if not ts:
         return "-"
     try:
@@ -87,15 +99,62 @@ def cpu_time(seconds: float | None) -> str:
     return f"{seconds:.2f}s" if seconds < 60 else f"{seconds / 60:.1f}min"
 
 
+WAITING = "waiting for resume-all"  # an unfinished run no daemon drives (--no-resume)
+
+
+def run_state(run: RunStatus | RunSummary) -> str:
+    return WAITING if run.waiting_for_resume else run.state
+
+
+def run_duration(run: RunStatus | RunSummary, now: float | None) -> str:
+    """Running time: the spans since creation and each resume, not the time a run sat
+    FAILED before a resume; a run nobody drives does not count on."""
+    seconds = run.run_seconds
+    if seconds is None:  # a daemon that did not say: its age
+        return span(run.created_at, run.finished_at, now, run.state == RUNNING)
+    if run.running_since and not run.waiting_for_resume:
+        if now is None:
+            return "-"
+        try:
+            seconds += now - parse_ts(run.running_since)
+        except ValueError:
+            return "-"
+    elif not run.finished_at and not run.waiting_for_resume:
+        return "-"  # no span known: a CORRUPT run, say
+    return duration(seconds)
+
+
+def exit_cell(code: int | None) -> str:
+    """EXIT: the status, or the signal's name (`SIGTERM`, not -15)."""
+    if code is None:
+        return "-"
+    return signal_name(code) or str(code)
+
+
+def step_error(step: StepStatus) -> str:
+    """Why a step did not succeed, in words: `killed by SIGTERM (timeout)`."""
+    name = signal_name(step.exit_code)
+    if name:
+        if step.state == CANCELLED:
+            return f"killed by {name} (cancel)"
+        if (step.error or "").startswith("timed out"):
+            return f"killed by {name} (timeout)"
+        if step.state in (FAILED, RETRY_WAIT):
+            return f"killed by {name}"
+    return _one_line(step.error)
+
+
 def run_lines(status: RunStatus, now: float | None) -> list[str]:
     """A run's header line, its error if any, and a table of its steps; `now` as in `span`."""
     head = (
-        f"run {status.run_id}  {status.name}  {status.state}  owner {status.owner}  "
+        f"run {status.run_id}  {status.name}  {run_state(status)}  owner {status.owner}  "
         f"created {local_time(status.created_at)}"
     )
     if status.finished_at:
-        took = span(status.created_at, status.finished_at, now, False)
-        head += f"  finished {local_time(status.finished_at)} ({took})"
+        head += (f"  finished {local_time(status.finished_at)} "
+                 f"(ran {run_duration(status, now)})")
+    elif status.waiting_for_resume:
+        head += f"  (ran {run_duration(status, now)}; wfctl resume {status.run_id})"
     lines = [printable(head)]
     if status.schedule is not None:
         lines.append(printable(f"schedule {status.schedule}  slot "
@@ -107,10 +166,10 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
     rows = [
         [
             step_id, step.state, str(step.attempts),
-            "-" if step.exit_code is None else str(step.exit_code),
+            exit_cell(step.exit_code),
             span(step.started_at, step.finished_at, now, step.state == RUNNING),
             cpu_time(step.cpu),
-            _one_line(step.error),
+            step_error(step),
         ]
         for step_id, step in status.steps.items()
     ]
@@ -137,8 +196,8 @@ def runs_lines(runs: list[RunSummary], now: float | None) -> list[str]:
     scheduled = any(run.schedule is not None for run in runs)
     rows = [
         [
-            run.run_id, run.name, run.state, run.owner, local_time(run.created_at),
-            span(run.created_at, run.finished_at, now, run.state == RUNNING),
+            run.run_id, run.name, run_state(run), run.owner, local_time(run.created_at),
+            run_duration(run, now),
             *([_schedule_cell(run)] if scheduled else []),
         ]
         for run in runs

@@ -883,20 +883,31 @@ class Engine:
         if note is not None and status.error is None and any(
                 run.steps[step_id].executor for step_id in run.running):
             status.error = note  # e.g. the Slurm controller does not answer: waiting
+        status.waiting_for_resume = self.waits_for_resume(run)
         return status
 
+    def waits_for_resume(self, run: st.RunState) -> bool:
+        """Unfinished and nobody drives it (the daemon started with --no-resume)."""
+        run_id = run.run_id
+        return not run.finished and run_id not in self.sched and run_id not in self._adopting
+
     def summary(self, summary: st.RunSummary) -> st.RunSummary:
-        """A list entry as `status` shows it: the storage error on unfinished runs."""
+        """A list entry as `status` shows it: the storage error on unfinished runs, and
+        whether one waits for a resume."""
         run = self.runs.get(summary.run_id)
         if run is None:
             return summary
         status = self.status(run, steps=False)  # a list must not cost every run's steps
-        if status.state == summary.state and status.error is None:
+        if (status.state == summary.state and status.error is None
+                and not status.waiting_for_resume):
             return summary
         return st.RunSummary(run_id=summary.run_id, name=summary.name, owner=summary.owner,
                              state=status.state, created_at=summary.created_at,
                              finished_at=status.finished_at, schedule=summary.schedule,
-                             scheduled_at=summary.scheduled_at)
+                             scheduled_at=summary.scheduled_at,
+                             run_seconds=status.run_seconds,
+                             running_since=status.running_since,
+                             waiting_for_resume=status.waiting_for_resume)
 
     async def stop(self, stop_steps: bool = True) -> None:
         """Stop: with `stop_steps` (or an executor whose attempts die with the daemon)

@@ -162,9 +162,13 @@ class StepCancelled(AttemptEnd, tag=True, kw_only=True):
 
 
 class RunFinished(Event, tag=True, kw_only=True):
-    """The run is over: `state` is SUCCEEDED, FAILED or CANCELLED."""
+    """The run is over: `state` is SUCCEEDED, FAILED or CANCELLED. `ran`: the seconds
+    it spent RUNNING over all its spans, written only for a resumed run (for one never
+    resumed it is `ts` minus the creation time), so that a list of runs known by their
+    first and last events shows a resumed run's running time, not its age."""
 
     state: str
+    ran: float | None = None
 
 
 class RunResumed(Event, tag=True, kw_only=True):

@@ -496,8 +496,16 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
         elif wake is None or rec.deadline < wake:
             wake = rec.deadline
     if run.all_terminal():
-        add(Emit(run.run_id, ev.RunFinished, {"state": run.outcome()}))
+        add(Emit(run.run_id, ev.RunFinished, _finished_fields(run, now)))
     return wake
+
+
+def _finished_fields(run: RunState, now: float) -> dict:
+    """RunFinished's fields; a resumed run's running time too (see the event)."""
+    fields: dict = {"state": run.outcome()}
+    if run.resumed and run.running_since is not None:
+        fields["ran"] = round(run.ran + max(0.0, now - ev.parse_ts(run.running_since)), 6)
+    return fields
 
 
 def _cancel(run: RunState, add: Callable[[Action], None]) -> None:

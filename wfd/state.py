@@ -23,6 +23,7 @@ state, which `fold` builds fresh.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -98,6 +99,9 @@ class StepStatus(msgspec.Struct):
     job_id: str | None = None
     # What its successful attempt wrote to $WFD_OUTPUT (wfd/outputs.py).
     outputs: dict[str, str] = {}
+    # The name of the signal that ended the last attempt (exit_code -N), e.g. "SIGTERM"
+    # (issue 14); last, so that a StepStatus built by position keeps its meaning.
+    exit_signal: str | None = None
 
 
 class RunStatus(msgspec.Struct):
@@ -114,6 +118,15 @@ class RunStatus(msgspec.Struct):
     schedule: str | None = None  # the schedule that fired this run, if one did
     scheduled_at: str | None = None  # its slot, UTC RFC 3339
     vars: dict[str, str] = {}  # KEY=VALUE given to `wfctl run` or the schedule
+    # Running time (issue 14): `run_seconds` the seconds spent RUNNING before
+    # `running_since` (all of them once finished; null: not known); `running_since` when
+    # the current span began (created or resumed), null when finished. A duration is
+    # run_seconds plus now - running_since, unless no daemon drives the run.
+    run_seconds: float | None = None
+    running_since: str | None = None
+    # Unfinished, and no daemon drives it (started with --no-resume): it waits for
+    # `wfctl resume`/`resume-all`. Set by the daemon, not by the fold.
+    waiting_for_resume: bool = False
 
 
 class RunSummary(msgspec.Struct):
@@ -127,6 +140,9 @@ class RunSummary(msgspec.Struct):
     finished_at: str | None
     schedule: str | None = None
     scheduled_at: str | None = None
+    run_seconds: float | None = None  # as in RunStatus
+    running_since: str | None = None
+    waiting_for_resume: bool = False
 
 
 _NO_OUTPUTS: dict[str, str] = {}  # shared, never changed: most steps write none
@@ -179,7 +195,7 @@ class RunState:
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
         "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot",
         "pool_ready", "pool_running",
-        "producers", "producers_seq",
+        "producers", "producers_seq", "ran", "running_since", "resumed",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -198,6 +214,9 @@ class RunState:
         self.vars: dict[str, str] = {}
         self.schedule: str | None = None
         self.slot: float | None = None
+        self.ran = 0.0  # seconds RUNNING before running_since (all of them once finished)
+        self.running_since: str | None = None  # start of the current RUNNING span
+        self.resumed = False  # a RunResumed was applied: RunFinished carries `ran`
         self.steps: dict[str, StepRec] = {
             step.id: StepRec(step.id, i, len(workflow.deps[i]), step.pool)
             for i, step in enumerate(workflow.steps)
@@ -449,6 +468,7 @@ def _run_created(run: RunState, event: ev.RunCreated) -> None:
     run.vars = event.vars
     run.schedule = event.schedule
     run.slot = event.slot
+    run.running_since = event.ts
     for rec in run.steps.values():
         if rec.waiting == 0:
             run.promotable[rec.id] = None
@@ -471,6 +491,11 @@ def _run_finished(run: RunState, event: ev.RunFinished) -> None:
         )
     run.state = event.state
     run.finished_at = event.ts
+    if event.ran is not None:
+        run.ran = event.ran
+    elif run.running_since is not None:
+        run.ran += max(0.0, ev.parse_ts(event.ts) - ev.parse_ts(run.running_since))
+    run.running_since = None
 
 
 def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
@@ -496,6 +521,8 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
     run.state = RUNNING
     run.cancelling = False
     run.finished_at = None
+    run.running_since = event.ts
+    run.resumed = True
 
 
 def _forget_outputs(run: RunState, rec: StepRec, seq: int) -> None:
@@ -543,6 +570,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
     return StepStatus(
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
+        exit_signal=signal_name(rec.exit_code),
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
         containment=rec.containment, executor=rec.executor, job_id=rec.job_id,
         outputs=rec.outputs,
@@ -557,6 +585,7 @@ def run_status(run: RunState, steps: bool = True) -> RunStatus:
         created_at=run.created_at, finished_at=run.finished_at, error=run.error,
         steps=dict(step_statuses(run)) if steps else {},
         schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
+        run_seconds=round(run.ran, 6), running_since=_since(run),
     )
 
 
@@ -578,7 +607,24 @@ def run_summary(run: RunState) -> RunSummary:
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at,
         schedule=run.schedule, scheduled_at=slot_ts(run.slot),
+        run_seconds=round(run.ran, 6), running_since=_since(run),
     )
+
+
+def _since(run: RunState) -> str | None:
+    """A CORRUPT run is not running, whatever its log got as far as."""
+    return None if run.finished else run.running_since
+
+
+def signal_name(exit_code: int | None) -> str | None:
+    """`SIGTERM` for exit code -15: the name of the signal a negative exit code stands
+    for (`SIG42` for one Python has no name for); None for an exit status."""
+    if exit_code is None or exit_code >= 0:
+        return None
+    try:
+        return signal.Signals(-exit_code).name
+    except ValueError:
+        return f"SIG{-exit_code}"
 
 
 def describe(event: ev.Event) -> str:

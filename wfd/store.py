@@ -71,9 +71,12 @@ def peek(layout: Layout, run_id: str) -> Stub | None:
     if (type(first) is not ev.RunCreated or type(last) is not ev.RunFinished
             or first.seq != 1 or first.run_id != run_id):
         return None
+    ran = last.ran if last.ran is not None else max(0.0, ev.parse_ts(last.ts)
+                                                     - ev.parse_ts(first.ts))
     summary = st.RunSummary(run_id=run_id, name=first.name, owner=first.owner,
                             state=last.state, created_at=first.ts, finished_at=last.ts,
-                            schedule=first.schedule, scheduled_at=st.slot_ts(first.slot))
+                            schedule=first.schedule, scheduled_at=st.slot_ts(first.slot),
+                            run_seconds=round(ran, 6))
     return Stub(summary, first.owner_uid)
 
 
