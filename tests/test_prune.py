@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from bigruns import finished_run
-from helpers import Daemon, run_json, wait_for_state, write_workflow
+from helpers import Daemon, run_json, wait_for_state, wait_until, write_workflow
 
 from wfd.errors import UsageError
 from wfd.events import format_ts
@@ -179,3 +179,62 @@ def test_a_half_deleted_tombstone_does_not_stop_the_start(daemon: Callable[..., 
     d.start()
     assert listed(d) == made[1:]
     assert sorted(p.name for p in runs.iterdir()) == made[1:]
+
+
+# ---- the daemon's own policy and the log cap --------------------------------------------
+
+
+@pytest.mark.timeout(120)
+def test_keep_runs_and_keep_days_at_start(daemon: Callable[..., Daemon]) -> None:
+    d = daemon(start=False, extra=["--keep-runs", "3", "--keep-days", "5.5"])
+    made = write_runs(d, 8)  # 8, 7, ..., 1 days old
+    d.start()
+    wait_until(lambda: len(listed(d)) < 8, timeout=30, message="the policy to prune")
+    assert listed(d) == made[3:]  # beyond the newest 3 and older than 5.5 days: 8, 7, 6
+    assert "pruned 3 run(s)" in d.log_text()
+
+
+def test_wfd_refuses_bad_retention_options(wfd_tmp: Path) -> None:
+    import subprocess
+    import sys
+
+    for argv, words in [(["--keep-runs", "-1"], "--keep-runs must be 0 or more"),
+                        (["--keep-days", "0"], "--keep-days must be"),
+                        (["--max-log-size", "lots"], "expected a size")]:
+        done = subprocess.run([sys.executable, "-m", "wfd", "--state-dir", str(wfd_tmp / "s"),
+                               *argv], capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2 and words in done.stderr, (argv, done.stderr)
+
+
+WRITER = ("import sys, time\n"
+          "line = b'x' * 1023 + b'\\n'\n"
+          "for _ in range(4096): sys.stdout.buffer.write(line)\n"  # 4 MiB
+          "sys.stdout.buffer.flush()\n"
+          "time.sleep({sleep})\n"
+          "sys.stdout.buffer.write(b'late line\\n' * 1000)\n")
+
+
+@pytest.mark.timeout(120)
+def test_a_log_past_max_log_size_is_cut_with_a_marker(daemon: Callable[..., Daemon],
+                                                      wfd_tmp: Path) -> None:
+    from wfd.logcap import marker
+
+    cap = 64 * 1024
+    d = daemon(extra=["--max-log-size", "64K"])
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "loud", "command": ["python3", "-c", WRITER.format(sleep=6)]},
+        {"id": "quiet", "command": "echo fine"}]})
+    run_id = d.submit(wf)
+    log_file = d.state_dir / "runs" / run_id / "logs" / "loud.1.log"
+    # cut while the step runs (it sleeps after its 4 MiB)
+    wait_until(lambda: log_file.exists() and log_file.stat().st_size == cap + len(marker(cap)),
+               timeout=20, message="the running step's log to be cut")
+    assert run_json(d, run_id)["steps"]["loud"]["state"] == "RUNNING"
+    wait_for_state(d, run_id, "SUCCEEDED", timeout=60)
+    data = log_file.read_bytes()
+    assert data == b"x" * 1023 + b"\n" + data[1024:cap] + marker(cap)
+    assert len(data) == cap + len(marker(cap))  # the late lines were cut as well
+    shown = d.wfctl("logs", run_id, "loud", text=False)
+    assert shown.stdout.endswith(b"the rest of the output was dropped]\n")
+    assert d.wfctl("logs", run_id, "quiet").stdout == "fine\n"
+    assert "log passed 65536 bytes (--max-log-size); cut there" in d.log_text()

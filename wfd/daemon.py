@@ -29,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-from wfd import __version__, paths
+from wfd import __version__, logcap, paths
 from wfd import systemd as sd
 from wfd.engine import MAX_KILL_GRACE, Engine
 from wfd.errors import EXIT_OK, EXIT_USAGE
@@ -44,6 +44,7 @@ log = logging.getLogger("wfd")
 EXIT_CANNOT_START = 1  # lock taken, socket answering, directory unusable
 EXIT_BROKEN = 70  # the event writer or the decide loop failed (sysexits EX_SOFTWARE)
 STATUS_DEBOUNCE = 0.25  # seconds between STATUS= updates while runs change
+RETENTION_EVERY = 3600.0  # seconds between two applications of --keep-runs/--keep-days
 
 
 class StartupError(Exception):
@@ -73,6 +74,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--max-runs-per-user", type=int, metavar="N",
                         help="most unfinished runs of one user; a submit over it is refused "
                              "(default: no limit)")
+    parser.add_argument("--keep-runs", type=int, metavar="N",
+                        help="remove finished runs beyond each user's newest N (checked at "
+                             "start and hourly; with --keep-days, only those older too)")
+    parser.add_argument("--keep-days", type=float, metavar="D",
+                        help="remove finished runs that ended more than D days ago (with "
+                             "--keep-runs, only those beyond each user's newest N)")
+    parser.add_argument("--max-log-size", type=_size, default=logcap.DEFAULT_MAX,
+                        metavar="SIZE",
+                        help="cut a step's log that grows past SIZE (100M, 1G; 0: no cap) "
+                             "with a marker line (default 100M)")
     parser.add_argument("--system", action="store_true")
     parser.add_argument("--socket-group", default="wfd")
     parser.add_argument("--log-level", default="info",
@@ -82,10 +93,21 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--max-parallel must be at least 1")
     if not args.max_kill_grace >= 0:
         parser.error("--max-kill-grace must be a number of seconds >= 0")
+    if args.keep_runs is not None and args.keep_runs < 0:
+        parser.error("--keep-runs must be 0 or more")
+    if args.keep_days is not None and not args.keep_days > 0:
+        parser.error("--keep-days must be a number of days > 0")
     for option in ("max_steps_per_user", "max_runs_per_user"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
     return args
+
+
+def _size(text: str) -> int:
+    try:
+        return logcap.parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -217,6 +239,7 @@ class Daemon:
                         max_kill_grace=self.args.max_kill_grace,
                         max_steps_per_user=self.args.max_steps_per_user,
                         max_runs_per_user=self.args.max_runs_per_user)
+        engine.max_log_size = self.args.max_log_size
         loop = asyncio.get_running_loop()
         executor = KeptExecutor(self.state_dir, engine.attempt_started, engine.attempt_ended)
         engine.executor = Executors(executor, SlurmExecutor(
@@ -246,6 +269,10 @@ class Daemon:
             background += engine.start_adoptions(unfinished)
         sd.ready(_with_storage_error(engine, f"{engine.active_runs()} active run(s)"))
         background.append(engine.supervise(self._status_loop(engine, committer)))
+        if self.args.keep_runs is not None or self.args.keep_days is not None:
+            background.append(engine.supervise(self._retention_loop(engine)))
+        if self.args.max_log_size:
+            background.append(engine.supervise(self._log_cap_loop(engine)))
         stop = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait([stop, engine.fatal, committer], return_when=asyncio.FIRST_COMPLETED)
         for task in background:
@@ -328,6 +355,26 @@ class Daemon:
                 await asyncio.sleep(STATUS_DEBOUNCE)
             except asyncio.TimeoutError:
                 pass
+
+    async def _retention_loop(self, engine: Engine) -> None:
+        """`--keep-runs` / `--keep-days`: at start, then every RETENTION_EVERY seconds. A
+        prune that fails (a disk error) is logged and tried again next time."""
+        while True:
+            try:
+                await engine.apply_policy(self.args.keep_runs, self.args.keep_days)
+            except OSError as exc:
+                log.error("applying --keep-runs/--keep-days: %s", exc.strerror or exc)
+            await asyncio.sleep(RETENTION_EVERY)
+
+    async def _log_cap_loop(self, engine: Engine) -> None:
+        """`--max-log-size`: a look at the running attempts' logs every CHECK_EVERY
+        seconds (and the engine looks once more as each ends)."""
+        cap = engine.max_log_size
+        while True:
+            keys = engine.running_attempts()
+            if keys:
+                await asyncio.to_thread(logcap.cut_all, engine.layout, keys, cap)
+            await asyncio.sleep(logcap.CHECK_EVERY)
 
     def _remove_socket(self) -> None:
         try:

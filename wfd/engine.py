@@ -33,7 +33,7 @@ from collections.abc import Callable, Coroutine, Mapping
 from typing import Any
 
 from wfd import events as ev
-from wfd import faults, scheduler, slurm, store
+from wfd import faults, logcap, retention, scheduler, slurm, store
 from wfd import state as st
 from wfd.clock import Clock
 from wfd.committer import Batch, Committer
@@ -120,6 +120,7 @@ class Engine:
         self.system = system
         self.clock = clock or Clock()
         self.max_kill_grace = max_kill_grace
+        self.max_log_size = 0  # `wfd --max-log-size` (0: no cap); the daemon sets it
         self.uid = os.getuid()
         self.runs: dict[str, st.RunState] = {}
         self.stubs: dict[str, Stub] = {}
@@ -292,6 +293,16 @@ class Engine:
         if removed:
             log.info("pruned %d run(s)", len(removed))
         return removed
+
+    async def apply_policy(self, keep_runs: int | None, keep_days: float | None) -> list[str]:
+        """`wfd --keep-runs N --keep-days D`: prune what the policy chooses (`retention`)."""
+        chosen = retention.policy(self.summaries(), self.clock.now(), keep_runs, keep_days)
+        return await self.prune(chosen) if chosen else []
+
+    def running_attempts(self) -> list[AttemptKey]:
+        """The attempts recorded RUNNING now (for a look at their logs' size)."""
+        return [AttemptKey(run_id, step, run.steps[step].attempts)
+                for run_id, run in self.runs.items() for step in run.running]
 
     def _take_for_prune(self, run_id: str) -> Stub | None:
         """Forget a finished run that nothing uses (its stub, to put back if its directory
@@ -607,6 +618,9 @@ class Engine:
         refused (which fails an attempt that exited 0)."""
         run = self.runs.get(key.run_id)
         rec = run.steps[key.step] if run is not None and not run.finished else None
+        if rec is not None and rec.state == st.RUNNING and self.max_log_size:
+            # the last look at its log, before its end is known to anyone (a few syscalls)
+            logcap.cut_all(self.layout, [key], self.max_log_size)
         if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
             self._ack(key)
             return
