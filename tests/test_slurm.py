@@ -5,12 +5,22 @@ cannot be installed or started."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, replay_events, run_json, wait_for_state, write_workflow
-from slurmtest import active_jobs, cluster_or_skip, job_names, jobs_named
+from helpers import (
+    Daemon,
+    pid_gone,
+    pids_in,
+    replay_events,
+    run_json,
+    wait_for_state,
+    wait_until,
+    write_workflow,
+)
+from slurmtest import SLURM_UP, active_jobs, cluster_or_skip, job_names, jobs_named
 
 DUMP_ENV = ["python3", "-c",
             "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"]
@@ -37,7 +47,8 @@ def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
         ],
     })
     d = daemon()
-    done = d.wfctl("run", str(wf), "--wait", env={"FROM_CLIENT": "client"}, timeout=150)
+    done = d.wfctl("run", str(wf), "FROM_VARS=var", "--wait", env={"FROM_CLIENT": "client"},
+                   timeout=150)
     assert done.returncode == 0, (done.stdout, done.stderr, d.log_text())
     run_id = done.stdout.strip()
     status = run_json(d, run_id)
@@ -48,8 +59,8 @@ def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
 
     env = json.loads((wfd_tmp / "env.json").read_text())
     assert (env["WFD_RUN_ID"], env["WFD_STEP_ID"], env["WFD_ATTEMPT"]) == (run_id, "remote", "1")
-    assert (env["FROM_WORKFLOW"], env["FROM_STEP"], env["FROM_CLIENT"]) == ("wf", "step",
-                                                                            "client")
+    assert (env["FROM_WORKFLOW"], env["FROM_STEP"], env["FROM_CLIENT"], env["FROM_VARS"]) == (
+        "wf", "step", "client", "var")
     assert not any(key.startswith("SLURM_") for key in env)  # exactly a local step's env
 
     logs = d.wfctl("logs", run_id, "remote")
@@ -77,3 +88,146 @@ def test_bad_partition_fails_with_slurms_message(daemon: Callable[..., Daemon],
     plain = d.wfctl("status", run_id)
     assert "Invalid partition name specified" in plain.stdout
     assert not active_jobs(job_names(replay_events(d, run_id)))
+
+
+def ends_of(events: list[dict], step: str, attempt: int) -> list[str]:
+    ends = ("AttemptSucceeded", "AttemptFailed", "StepFailed", "AttemptInterrupted",
+            "StepCancelled")
+    return [e["type"] for e in events if e["type"] in ends and e.get("step") == step
+            and e.get("attempt") == attempt]
+
+
+def job_running(d: Daemon, run_id: str, step: str) -> str:
+    """Wait until the step's job runs on the node; its id."""
+    def running() -> str | None:
+        job_id = run_json(d, run_id)["steps"][step]["job_id"]
+        rows = [row for row in jobs_named() if row[0] == job_id]
+        return job_id if job_id and rows and rows[0][1] == "RUNNING" else None
+
+    return wait_until(running, 60, interval=0.2, message=f"{step}'s job to run")
+
+
+@pytest.mark.timeout(180)
+def test_retries_and_timeout(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """Prove-it 2: a retry through Slurm as for a local step; a timed-out job is gone from
+    squeue, and so is what it started."""
+    wf = write_workflow(wfd_tmp, {"defaults": {"executor": "slurm"}, "steps": [
+        {"id": "flaky", "command": '[ "$WFD_ATTEMPT" = 2 ]', "retries": 2,
+         "backoff": {"initial": 0.1}},
+        {"id": "slow", "timeout": 3, "kill_grace": 1,
+         "command": f"sleep 300 & echo $! >> {wfd_tmp / 'pids'}; echo $$ >> "
+                    f"{wfd_tmp / 'pids'}; wait"},
+    ]})
+    d = daemon()
+    run_id = d.submit(wf)
+    pids = pids_in(wfd_tmp / "pids", 2)
+    status = wait_for_state(d, run_id, "FAILED", timeout=120)
+    assert status["steps"]["flaky"]["state"] == "SUCCEEDED"
+    assert status["steps"]["flaky"]["attempts"] == 2
+    slow = status["steps"]["slow"]
+    assert (slow["state"], slow["error"]) == ("FAILED", "timed out after 3 s"), slow
+    assert all(pid_gone(pid) for pid in pids)
+    events = replay_events(d, run_id)
+    assert not active_jobs(job_names(events))
+    assert len(job_names(events)) == 3  # one job per attempt: flaky twice, slow once
+
+
+@pytest.mark.timeout(180)
+def test_daemon_killed_while_a_job_runs(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """Prove-it 3: kill -9 of the daemon while a Slurm step runs, restart: one sbatch for
+    the attempt, its outcome recorded once."""
+    go = wfd_tmp / "go"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm",
+         "command": f"while [ ! -e {go} ]; do sleep 0.1; done; echo done"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    job_running(d, run_id, "s")
+    d.kill()
+    d.start()
+    go.touch()
+    status = wait_for_state(d, run_id, "SUCCEEDED", timeout=90)
+    events = replay_events(d, run_id)
+    names = job_names(events)
+    assert len(names) == 1
+    assert len([row for row in jobs_named() if row[2] in names]) == 1
+    assert ends_of(events, "s", 1) == ["AttemptSucceeded"]
+    assert status["steps"]["s"]["attempts"] == 1
+
+
+@pytest.mark.timeout(240)
+def test_daemon_killed_between_intent_and_job_id(daemon: Callable[..., Daemon],
+                                                 wfd_tmp: Path) -> None:
+    """Prove-it 4: the daemon dies after sbatch accepted the job, before its id is
+    recorded; the next daemon finds the job by name and submits nothing."""
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm", "command": "sleep 2; echo once >> runs.txt"}]})
+    d = daemon(env={"WFD_FAULTS": "slurm-submitted=kill"})
+    done = d.wfctl("run", str(wf))
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip()
+    wait_until(lambda: not d.running, 60, message="the fault to kill the daemon")
+    lines = (d.state_dir / "runs" / run_id / "events.jsonl").read_text().splitlines()
+    assert json.loads(lines[-1])["type"] == "AttemptSubmitting", lines  # no job id
+    d.env.pop("WFD_FAULTS")
+    d.start()
+    status = wait_for_state(d, run_id, "SUCCEEDED", timeout=120)
+    names = job_names(replay_events(d, run_id))
+    rows = [row for row in jobs_named() if row[2] in names]
+    assert len(names) == 1 and len(rows) == 1, rows
+    assert status["steps"]["s"]["job_id"] == rows[0][0]
+    assert (wfd_tmp / "runs.txt").read_text() == "once\n"
+
+
+@pytest.mark.timeout(180)
+def test_cancel_ends_the_job_and_what_it_started(daemon: Callable[..., Daemon],
+                                                 wfd_tmp: Path) -> None:
+    """Prove-it 5: `wfctl cancel` ends the job and everything it started; nothing is
+    left in squeue. The step's kill_grace is honoured inside the job (its TERM trap runs)."""
+    pids = wfd_tmp / "pids"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm", "kill_grace": 10,
+         "command": f"trap 'echo got TERM; exit 7' TERM; sleep 300 & echo $! >> {pids}; "
+                    f"echo $$ >> {pids}; wait"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    started = pids_in(pids, 2)
+    job_running(d, run_id, "s")
+    done = d.wfctl("cancel", run_id, timeout=90)
+    assert done.returncode == 0, done.stderr
+    status = run_json(d, run_id)
+    assert (status["state"], status["steps"]["s"]["state"]) == ("CANCELLED", "CANCELLED")
+    assert all(pid_gone(pid) for pid in started)
+    assert not active_jobs(job_names(replay_events(d, run_id)))
+    assert "got TERM" in d.wfctl("logs", run_id, "s").stdout
+
+
+@pytest.mark.timeout(240)
+def test_controller_down_means_waiting(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """Prove-it 6: slurmctld stopped while a step runs and started again: the run goes on;
+    `status` meanwhile says the controller is unreachable."""
+    go = wfd_tmp / "go"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm",
+         "command": f"while [ ! -e {go} ]; do sleep 0.1; done"},
+        {"id": "t", "executor": "slurm", "depends_on": ["s"], "command": "true"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    job_running(d, run_id, "s")
+    subprocess.run([str(SLURM_UP), "stop", "ctld"], check=True, timeout=60)
+    try:
+        def says_unreachable() -> dict | None:
+            status = run_json(d, run_id)
+            return status if "controller unreachable" in (status["error"] or "") else None
+
+        status = wait_until(says_unreachable, 60, interval=0.2,
+                            message="status to say the controller is unreachable")
+        assert status["state"] == "RUNNING" and status["steps"]["s"]["state"] == "RUNNING"
+        plain = d.wfctl("status", run_id)
+        assert "controller unreachable" in plain.stdout + plain.stderr
+    finally:
+        subprocess.run([str(SLURM_UP)], check=True, timeout=120)
+    go.touch()
+    status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", timeout=120)
+    assert status["state"] == "SUCCEEDED", status
+    assert status["error"] is None
