@@ -63,6 +63,11 @@ def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
         "wf", "step", "client", "var")
     assert not any(key.startswith("SLURM_") for key in env)  # exactly a local step's env
 
+    plain = d.wfctl("status", run_id).stdout
+    header = next(line for line in plain.splitlines() if line.startswith("STEP"))
+    assert header.split()[-2:] == ["JOB", "ERROR"], plain
+    assert f"slurm {remote['job_id']}" in plain, plain
+
     logs = d.wfctl("logs", run_id, "remote")
     assert logs.returncode == 0, logs.stderr
     assert logs.stdout.splitlines() == ["hello from slurm", "local"]

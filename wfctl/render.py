@@ -163,18 +163,22 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
         lines.append(printable("vars " + " ".join(f"{k}={v}" for k, v in status.vars.items())))
     if status.error:
         lines.append(f"error: {printable(status.error)}")
+    # A JOB column (executor and job id) only when some step went to a batch system.
+    batch = any(step.executor for step in status.steps.values())
     rows = [
         [
             step_id, step.state, str(step.attempts),
             exit_cell(step.exit_code),
             span(step.started_at, step.finished_at, now, step.state == RUNNING),
             cpu_time(step.cpu),
+            *([_job_cell(step.executor, step.job_id)] if batch else []),
             step_error(step),
         ]
         for step_id, step in status.steps.items()
     ]
     if rows:
-        lines += table(["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU", "ERROR"], rows)
+        header = ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU"]
+        lines += table(header + (["JOB"] if batch else []) + ["ERROR"], rows)
     outputs = [[step_id, f"{key}={_cut(value)}"] for step_id, step in status.steps.items()
                for key, value in step.outputs.items()]
     if outputs:
@@ -188,6 +192,13 @@ MAX_OUTPUT_SHOWN = 200  # characters of an output's value in `status` (--json ha
 def _cut(value: str) -> str:
     value = printable(value)
     return value if len(value) <= MAX_OUTPUT_SHOWN else value[: MAX_OUTPUT_SHOWN - 3] + "..."
+
+
+def _job_cell(executor: str | None, job_id: str | None) -> str:
+    """`slurm 1234` (`slurm ?` until its id is known); `-` for a local step."""
+    if executor is None:
+        return "-"
+    return printable(f"{executor} {job_id or '?'}")
 
 
 def runs_lines(runs: list[RunSummary], now: float | None) -> list[str]:
