@@ -234,7 +234,10 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                    "help": "a variable of every step, over the workflow's env"}),
       (("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
       (("--follow",), {"action": "store_true",
-                       "help": "wait, and show each transition on stderr"})]),
+                       "help": "wait, and show each transition on stderr"}),
+      (("--key",), {"metavar": "K",
+                    "help": "submit once: if a run of yours has this key, print its id "
+                            "instead (a script may retry safely)"})]),
     ("status", "show one run, or your runs (oldest first, the newest at the bottom)",
      [(("run_id",), {"metavar": "RUN", "nargs": "?",
                      "help": "a run id or reference (5c9b, @last, NAME@last, NAME@-2)"}),
@@ -396,14 +399,17 @@ def cmd_run(args: argparse.Namespace) -> int:
                          "working directory travels to wfd as text")
     submit = protocol.Submit(
         workflow=text, source=_as_text(os.path.basename(args.file)), base_dir=base_dir,
-        env=submitted_env(), umask=umask, vars=variables,
+        env=submitted_env(), umask=umask, vars=variables, key=args.key,
     )
     size = len(protocol.encode_frame(submit)) - protocol.HEADER.size
     if size > protocol.MAX_FRAME:  # the daemon would cut us off mid-send ("Broken pipe")
         raise UsageError(f"{args.file}: too large to submit ({size} bytes with the "
                          f"environment; at most {protocol.MAX_FRAME} bytes, 16 MiB)")
     conn = _connect(args)
-    run_id = conn.call(submit, protocol.Submitted).run_id  # type: ignore[attr-defined]
+    submitted = conn.call(submit, protocol.Submitted)
+    run_id = submitted.run_id  # type: ignore[attr-defined]
+    if submitted.existing:  # type: ignore[attr-defined]
+        say(f"wfctl: run {run_id} has key {args.key!r} already; not submitted again")
     out(run_id)
     sys.stdout.flush()  # a script reading the id must get it now, not at exit
     if not (args.wait or args.follow):

@@ -144,6 +144,8 @@ class Engine:
         self._timer: asyncio.TimerHandle | None = None
         self._finish_waiters: dict[str, list[asyncio.Future]] = {}
         self._last_run_id = ""
+        # `wfctl run --key`: (owner uid, key) -> its run, or the submit making it now
+        self._keys: dict[tuple[int, str], str | asyncio.Future[str]] = {}
         # Per run: which steps upstream of each step have outputs (`outputs.upstream`'s
         # memo), valid while the run's `producers_seq` is the one it was built for.
         self._upstream: dict[str, tuple[int, dict[int, frozenset[int]]]] = {}
@@ -192,8 +194,10 @@ class Engine:
             stub = store.peek(self.layout, run_id)
             if stub is not None:
                 self.stubs[run_id] = stub
+                self._index_key(run_id, stub.owner_uid, stub.key)
                 continue
             loaded = store.load_run(self.layout, run_id, self.uid)
+            self._index_key(run_id, loaded.run.owner_uid, loaded.run.key)
             if self._install(run_id, loaded) and not loaded.run.finished:
                 unfinished.append(run_id)
         return unfinished
@@ -290,6 +294,10 @@ class Engine:
             removed = []
         for run_id in set(taken) - set(removed):  # still on disk: still a run
             self.stubs[run_id] = taken[run_id]
+        for run_id in removed:  # its key may name a new run
+            stub = taken[run_id]
+            if stub.key is not None and self._keys.get((stub.owner_uid, stub.key)) == run_id:
+                del self._keys[(stub.owner_uid, stub.key)]
         if removed:
             log.info("pruned %d run(s)", len(removed))
         return removed
@@ -647,14 +655,54 @@ class Engine:
 
     # ---- requests -----------------------------------------------------------------
 
+    def key_taken(self, uid: int, key: str) -> bool:
+        """Whether a submit by `uid` with this idempotency key would get an earlier run
+        (or one being submitted now)."""
+        return (self._owner(uid), key) in self._keys
+
+    def _owner(self, uid: int) -> int:
+        return uid if self.system else self.uid
+
+    def _index_key(self, run_id: str, owner_uid: int, key: str | None) -> None:
+        if key is not None:
+            self._keys.setdefault((owner_uid, key), run_id)
+
     async def submit(self, workflow_text: str, source: str, base_dir: str, env: dict[str, str],
                      umask: int, uid: int, gid: int, vars: dict[str, str] | None = None,
-                     ) -> str:
+                     key: str | None = None) -> str:
+        """`_submit`, idempotent with a `key`: the owner's run with that key (durable, or
+        being submitted: then its outcome) answers, and nothing new is made."""
+        if key is None:
+            return await self._submit(workflow_text, source, base_dir, env, umask, uid, gid,
+                                      vars, None)
+        slot = (self._owner(uid), key)
+        earlier = self._keys.get(slot)
+        if isinstance(earlier, str):
+            return earlier
+        if earlier is not None:
+            return await asyncio.shield(earlier)
+        pending: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        self._keys[slot] = pending
+        try:
+            run_id = await self._submit(workflow_text, source, base_dir, env, umask, uid, gid,
+                                        vars, key)
+        except BaseException as exc:
+            del self._keys[slot]  # no run was made: the key is free again
+            pending.set_exception(exc)
+            pending.exception()  # retrieved: nobody may be waiting for it
+            raise
+        self._keys[slot] = run_id
+        pending.set_result(run_id)
+        return run_id
+
+    async def _submit(self, workflow_text: str, source: str, base_dir: str,
+                      env: dict[str, str], umask: int, uid: int, gid: int,
+                      vars: dict[str, str] | None, key: str | None) -> str:
         """Validate a submission (off the loop), make its workflow.json durable, record
         the run's first event (with `vars`, the KEY=VALUE of `wfctl run`); return the run
         id once that event is durable."""
         self._refuse_new_runs()
-        owner_uid = uid if self.system else self.uid
+        owner_uid = self._owner(uid)
         self._check_run_limit(owner_uid)
         self._submitting[owner_uid] += 1  # counts against the limit until it is driven
         try:
@@ -678,7 +726,7 @@ class Engine:
         self.committer.add_run(run_id, 0, 0)
         self._record(run_id, ev.RunCreated, {"run_id": run_id, "name": wf.name,
                                              "owner": sub.owner, "owner_uid": sub.uid,
-                                             "vars": dict(vars or {})})
+                                             "vars": dict(vars or {}), "key": key})
         self.sched.drive(run_id)
         self.kick()
         await self.flushed()

@@ -44,6 +44,8 @@ class RunCreated(Event, tag=True, kw_only=True, omit_defaults=False):
     # The schedule whose slot this run is, and the slot (epoch seconds, UTC).
     schedule: str | None = None
     slot: float | None = None
+    # `wfctl run --key K`: a second submit with the same key by the same user gets this run.
+    key: str | None = None
 
 
 class StepReady(Event, tag=True, kw_only=True):

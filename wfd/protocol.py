@@ -77,7 +77,9 @@ class Submit(Message):
 
     `source` is the file's name (the run's default name); `base_dir` the directory
     relative `cwd`s resolve against; `env` and `umask` the submitting client's;
-    `vars` the KEY=VALUE arguments, over every level of the workflow's env (protocol 3)."""
+    `vars` the KEY=VALUE arguments, over every level of the workflow's env (protocol 3);
+    `key` makes the submit idempotent: the peer's run with that key, if there is one, is
+    the answer, and no run is made."""
 
     workflow: str
     source: str
@@ -85,6 +87,7 @@ class Submit(Message):
     env: dict[str, str]
     umask: Umask
     vars: dict[str, str] = {}
+    key: str | None = None
 
 
 class Status(Message):
@@ -191,9 +194,11 @@ class HelloReply(Message):
 
 
 class Submitted(Message):
-    """The run exists and its first event is durable."""
+    """The run exists and its first event is durable; `existing` when the submit's `key`
+    named a run made before (nothing new was submitted)."""
 
     run_id: str
+    existing: bool = False
 
 
 class RunInfo(Message):

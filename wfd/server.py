@@ -19,6 +19,7 @@ import collections
 import grp
 import logging
 import os
+import re
 import resource
 import socket
 import struct
@@ -48,6 +49,8 @@ MAX_PER_USER = 128  # connections of one non-root uid
 EXIT_INTERNAL = 70  # a bug in wfd answered this request (sysexits EX_SOFTWARE)
 LOG_CHUNK = 256 * 1024
 LOG_POLL = 0.1
+MAX_KEY = 256  # characters of an idempotency key (`wfctl run --key`)
+KEY_RE = re.compile(rf"[^\x00-\x1f\x7f-\x9f]{{1,{MAX_KEY}}}")
 GONE_POLL = 1.0  # how often a stream with no news checks that its client is still there
 
 
@@ -247,11 +250,12 @@ class Server:
     async def submit(self, peer: Peer, req: p.Submit, send: Channel) -> None:
         check_submission(req)
         # workflow.json is durable before the first event, the first event before the reply.
+        existing = req.key is not None and self.engine.key_taken(peer.uid, req.key)
         run_id = await self.engine.submit(
             req.workflow, req.source, req.base_dir, req.env, req.umask, peer.uid, peer.gid,
-            req.vars,
+            req.vars, req.key,
         )
-        await send(p.Submitted(run_id))
+        await send(p.Submitted(run_id, existing))
 
     async def status(self, peer: Peer, req: p.Status, send: Channel) -> None:
         if req.run_id is None:
@@ -466,6 +470,9 @@ def check_submission(req: p.Submit) -> None:
     if "\0" in req.base_dir or not os.path.isabs(req.base_dir):
         problems.append(f"base_dir must be an absolute path, got {_shown(req.base_dir)}")
     problems += [f"env{where}: {why}" for where, why in env_problems(req.env)]
+    if req.key is not None and not KEY_RE.fullmatch(req.key):
+        problems.append(f"key must be 1 to {MAX_KEY} printable characters, "
+                        f"got {_shown(req.key)}")
     problems += vars_problems(req.vars)
     if problems:
         raise UsageError("bad request: " + "; ".join(problems[:5]))

@@ -193,7 +193,7 @@ class RunState:
     __slots__ = (
         "workflow", "run_id", "name", "owner", "owner_uid", "format", "state", "created_at",
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
-        "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot",
+        "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot", "key",
         "pool_ready", "pool_running",
         "producers", "producers_seq", "ran", "running_since", "resumed",
     )
@@ -212,6 +212,7 @@ class RunState:
         self.cancelling = False
         self.last_seq = 0
         self.vars: dict[str, str] = {}
+        self.key: str | None = None
         self.schedule: str | None = None
         self.slot: float | None = None
         self.ran = 0.0  # seconds RUNNING before running_since (all of them once finished)
@@ -468,6 +469,7 @@ def _run_created(run: RunState, event: ev.RunCreated) -> None:
     run.vars = event.vars
     run.schedule = event.schedule
     run.slot = event.slot
+    run.key = event.key
     run.running_since = event.ts
     for rec in run.steps.values():
         if rec.waiting == 0:

@@ -57,6 +57,7 @@ class Stub(NamedTuple):
 
     summary: st.RunSummary
     owner_uid: int
+    key: str | None = None  # `wfctl run --key`
 
 
 def peek(layout: Layout, run_id: str) -> Stub | None:
@@ -77,11 +78,11 @@ def peek(layout: Layout, run_id: str) -> Stub | None:
                             state=last.state, created_at=first.ts, finished_at=last.ts,
                             schedule=first.schedule, scheduled_at=st.slot_ts(first.slot),
                             run_seconds=round(ran, 6))
-    return Stub(summary, first.owner_uid)
+    return Stub(summary, first.owner_uid, first.key)
 
 
 def stub_of(run: st.RunState) -> Stub:
-    return Stub(st.run_summary(run), run.owner_uid)
+    return Stub(st.run_summary(run), run.owner_uid, run.key)
 
 
 @dataclass
