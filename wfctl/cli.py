@@ -275,6 +275,12 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
      [(("--stop-steps",), {"action": "store_true",
                            "help": "stop the running steps first (they run again on the "
                                    "next start)"})]),
+    ("pool", "list the daemon's shared pools, or set one's limit: pool list | pool set NAME N",
+     [(("action",), {"choices": ("list", "set"), "metavar": "list|set"}),
+      (("name",), {"metavar": "NAME", "nargs": "?"}),
+      (("limit",), {"metavar": "N", "nargs": "?",
+                    "help": "the pool's new limit, 0 or more (0: its steps wait)"}),
+      _JSON]),
     ("graph", "draw the DAG of a workflow file or of a run (coloured by state)",
      [(("target",), {"metavar": "FILE|RUN"}),
       (("--format",), {"choices": ("mermaid", "dot", "svg"), "default": "svg",
@@ -683,6 +689,35 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_pool(args: argparse.Namespace) -> int:
+    from wfctl import render
+    from wfd import protocol
+
+    if args.action == "list":
+        if args.name is not None:
+            raise UsageError("error: pool list takes no NAME (see wfctl pool --help)")
+        request: protocol.Message = protocol.PoolList()
+    else:
+        if args.name is None or args.limit is None:
+            raise UsageError("error: pool set needs NAME and N (see wfctl pool --help)")
+        if not (args.limit.isascii() and args.limit.isdigit()):
+            raise UsageError(f"error: a pool's limit is an integer 0 or more, got "
+                             f"{args.limit!r}")
+        request = protocol.PoolSet(name=args.name, limit=int(args.limit))
+    pools = _connect(args).call(request, protocol.Pools).pools  # type: ignore[attr-defined]
+    if args.action == "set":
+        say(f"pool {args.name}: limit {int(args.limit)}")
+        if not args.json:
+            return EXIT_OK
+    if args.json:
+        _print_json(pools)
+    elif pools:
+        out("\n".join(render.pools_lines(pools)))
+    else:
+        say("no pools (start wfd with --pool NAME=N, or wfctl pool set NAME N)")
+    return EXIT_OK
+
+
 def cmd_graph(args: argparse.Namespace) -> int:
     from wfctl import graph
 
@@ -742,7 +777,7 @@ def cmd_web(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
     "replay": cmd_replay, "resume": cmd_resume, "resume-all": cmd_resume_all,
-    "logs": cmd_logs, "prune": cmd_prune, "shutdown": cmd_shutdown,
+    "logs": cmd_logs, "prune": cmd_prune, "shutdown": cmd_shutdown, "pool": cmd_pool,
     "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
 }
 

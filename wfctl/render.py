@@ -172,7 +172,7 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
             span(step.started_at, step.finished_at, now, step.state == RUNNING),
             cpu_time(step.cpu),
             *([_job_cell(step.executor, step.job_id)] if batch else []),
-            step_error(step),
+            f"waiting for {step.waiting}" if step.waiting else step_error(step),
         ]
         for step_id, step in status.steps.items()
     ]
@@ -228,6 +228,14 @@ def counts_line(matched: int, counts: dict[str, int]) -> str:
     parts = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
     noun = "run" if matched == 1 else "runs"
     return f"{matched} {noun}: " + ", ".join(f"{n} {state}" for state, n in parts)
+
+
+def pools_lines(pools: list) -> list[str]:
+    """`wfctl pool list`: each pool's limit, running and waiting steps, and whether its
+    limit was set at run time (`wfctl pool set`) or comes from `wfd --pool`."""
+    rows = [[pool.name, str(pool.limit), str(pool.running), str(pool.waiting),
+             "wfctl pool set" if pool.source == "set" else "wfd --pool"] for pool in pools]
+    return table(["POOL", "LIMIT", "RUNNING", "WAITING", "SET BY"], rows)
 
 
 def summary_line(status: RunStatus) -> str:

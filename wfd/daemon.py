@@ -36,6 +36,7 @@ from wfd.errors import EXIT_OK, EXIT_USAGE
 from wfd.eventlog import Layout, UnsafeStateDir, check_state_dir, discard_unacknowledged
 from wfd.executors import Executors
 from wfd.kept import KeeperUnavailable, KeptExecutor
+from wfd.pools import BadPools, PoolLimits, parse_option
 from wfd.server import Server
 from wfd.slurm import SlurmExecutor
 
@@ -84,6 +85,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         metavar="SIZE",
                         help="cut a step's log that grows past SIZE (100M, 1G; 0: no cap) "
                              "with a marker line (default 100M)")
+    parser.add_argument("--pool", action="append", default=[], metavar="NAME=N",
+                        help="a pool of N slots that steps naming it (\"pool\": \"NAME\") "
+                             "share across all runs and users; repeatable. `wfctl pool set "
+                             "NAME N` changes it at run time, and that wins over this option "
+                             "(across restarts) until this option's value for NAME changes")
     parser.add_argument("--system", action="store_true")
     parser.add_argument("--socket-group", default="wfd")
     parser.add_argument("--log-level", default="info",
@@ -97,6 +103,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error("--keep-runs must be 0 or more")
     if args.keep_days is not None and not args.keep_days > 0:
         parser.error("--keep-days must be a number of days > 0")
+    pools: dict[str, int] = {}
+    for text in args.pool:
+        try:
+            name, limit = parse_option(text)
+        except BadPools as exc:
+            parser.error(str(exc))
+        if name in pools:
+            parser.error(f"--pool {name} given twice")
+        pools[name] = limit
+    args.pools = pools
     for option in ("max_steps_per_user", "max_runs_per_user"):
         if getattr(args, option) is not None and getattr(args, option) < 1:
             parser.error(f"--{option.replace('_', '-')} must be at least 1")
@@ -235,10 +251,14 @@ class Daemon:
         # A write over RLIMIT_FSIZE must fail with EFBIG, not kill the daemon.
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         layout = self._prepare_state_dir()
+        try:
+            pools = PoolLimits(self.state_dir, self.args.pools)
+        except BadPools as exc:
+            raise StartupError(str(exc)) from None
         engine = Engine(layout, self.args.max_parallel, self.system,
                         max_kill_grace=self.args.max_kill_grace,
                         max_steps_per_user=self.args.max_steps_per_user,
-                        max_runs_per_user=self.args.max_runs_per_user)
+                        max_runs_per_user=self.args.max_runs_per_user, pools=pools)
         engine.max_log_size = self.args.max_log_size
         loop = asyncio.get_running_loop()
         executor = KeptExecutor(self.state_dir, engine.attempt_started, engine.attempt_ended)

@@ -41,6 +41,7 @@ from wfd.errors import StorageError, UsageError
 from wfd.eventlog import Layout, Submission
 from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, StartInfo
 from wfd.outputs import output_env, upstream
+from wfd.pools import PoolLimits
 from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
@@ -114,7 +115,8 @@ class Engine:
     def __init__(self, layout: Layout, limit: int, system: bool, *,
                  clock: Clock | None = None, max_kill_grace: float = MAX_KILL_GRACE,
                  max_steps_per_user: int | None = None,
-                 max_runs_per_user: int | None = None) -> None:
+                 max_runs_per_user: int | None = None,
+                 pools: PoolLimits | None = None) -> None:
         self.layout = layout
         self.limit = limit
         self.system = system
@@ -126,7 +128,10 @@ class Engine:
         self.stubs: dict[str, Stub] = {}
         self.ctx: dict[str, RunCtx] = {}
         # The runs driven, and who starts next (round-robin across users, then runs).
-        self.sched = scheduler.Scheduler(self.runs, limit, max_steps_per_user)
+        self.pools = pools or PoolLimits(layout.state_dir, {})
+        self.sched = scheduler.Scheduler(self.runs, limit, max_steps_per_user,
+                                         self.pools.limits)
+        self._pool_lock = asyncio.Lock()  # one write of pools.json at a time
         self.max_runs_per_user = max_runs_per_user
         self._submitting: collections.Counter[int] = collections.Counter()  # per owner uid
         self.committer = Committer(layout, self._durable)
@@ -710,6 +715,7 @@ class Engine:
             wf = await loop.run_in_executor(self._parser, parse_workflow, workflow_text,
                                             store.default_name(source))
             self._check_executors(wf)
+            self._check_pools(wf)
             self._refuse_new_runs()
             now = self.clock.now()
             sub = Submission(
@@ -743,6 +749,43 @@ class Engine:
         if not slurm.sbatch_found():
             raise UsageError("this workflow has Slurm steps, but sbatch is not on wfd's PATH "
                              "(install the Slurm client commands)")
+
+    def _check_pools(self, wf: Workflow) -> None:
+        """Every pool the workflow names is one of the daemon's (the validator cannot know:
+        a name it does not have is a typo far more often than a pool to come)."""
+        named = {step.pool for step in wf.steps if step.pool is not None}
+        unknown = sorted(named - self.sched.pools.keys())
+        if unknown:
+            have = ", ".join(sorted(self.sched.pools)) or "none"
+            raise UsageError(
+                f"workflow {wf.name!r} names pool{'s' if len(unknown) > 1 else ''} "
+                f"{', '.join(map(repr, unknown))}, which wfd does not have (its pools: {have});"
+                f" add one with `wfctl pool set {unknown[0]} N` or `wfd --pool {unknown[0]}=N`")
+
+    async def set_pool(self, name: str, limit: int) -> None:
+        """Set a pool's limit at run time: durable (pools.json) before it is in force.
+        Raised, waiting steps start at once; lowered, running steps go on."""
+        async with self._pool_lock:
+            try:
+                await asyncio.to_thread(self.pools.set, name, limit)
+            except OSError as exc:
+                raise StorageError(f"cannot save pool limits in {self.pools.path}: "
+                                   f"{exc.strerror or exc}") from None
+        self.sched.set_pool(name, limit)
+        log.info("pool %s: limit %d (set at run time)", name, limit)
+        self.kick()
+
+    def pool_table(self) -> list[tuple[str, int, int, int, str]]:
+        """Each pool: name, limit, running steps and READY steps that name it (of the runs
+        driven, counted now), and where its limit comes from ("option" or "set")."""
+        running: collections.Counter[str] = collections.Counter()
+        waiting: collections.Counter[str] = collections.Counter()
+        for run_id in self.sched:
+            run = self.runs[run_id]
+            running.update(run.pool_running)
+            waiting.update(run.pool_ready)
+        return [(name, limit, running[name], waiting[name], self.pools.source(name))
+                for name, limit in sorted(self.sched.pools.items())]
 
     def _check_run_limit(self, uid: int) -> None:
         """`--max-runs-per-user`: the runs of `uid` the daemon drives plus its submits in
@@ -934,7 +977,7 @@ class Engine:
         """The run's status as its durable events say: a RunFinished still waiting for the
         disk is not shown as the end, and a storage error is shown. Without `steps`, the
         run's fields only (the server streams the steps: `st.step_statuses`)."""
-        status = st.run_status(run, steps)
+        status = st.run_status(run, steps, self.sched.pool_full)
         error = self.storage_error
         undurable = self.durable_seq(run.run_id) < run.last_seq
         if (error is not None and not run.finished) or undurable:

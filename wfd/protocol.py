@@ -165,8 +165,21 @@ class Shutdown(Message):
     stop_steps: bool = False
 
 
+class PoolList(Message):
+    """The daemon's pools: answered by `Pools`."""
+
+
+class PoolSet(Message):
+    """Set pool `name`'s limit (creating the pool), durably; answered by `Pools`. Only
+    root and the daemon's own user may (a pool is shared by every user)."""
+
+    name: str
+    limit: NonNegative
+
+
 Request = Union[  # noqa: UP007
-    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Prune, Shutdown
+    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Prune, Shutdown,
+    PoolList, PoolSet,
 ]
 
 # ---- replies --------------------------------------------------------------
@@ -312,9 +325,28 @@ class Fragment(Message):
     last: bool = False
 
 
+class PoolInfo(msgspec.Struct):
+    """One pool in `wfctl pool list --json`: its limit, its running steps, the READY
+    steps that name it, and where the limit comes from: "option" (`wfd --pool`) or
+    "set" (`wfctl pool set`, kept across restarts)."""
+
+    name: str
+    limit: int
+    running: int
+    waiting: int
+    source: str
+
+
+class Pools(Message):
+    """The daemon's pools, by name."""
+
+    pools: list[PoolInfo]
+
+
 Reply = Union[  # noqa: UP007
     Error, Ok, HelloReply, Submitted, RunInfo, RunList, Cancelled, Replayed, Resumed,
     Pruned, Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart, Fragment,
+    Pools,
 ]
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

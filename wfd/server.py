@@ -38,7 +38,7 @@ from wfd.eventlog import open_file, valid_run_id
 from wfd.replay import Replay, events_after
 from wfd.users import describe as user_name
 from wfd.users import in_group
-from wfd.workflow import STEP_ID_RE, env_problems
+from wfd.workflow import MAX_PARALLEL, POOL_RE, STEP_ID_RE, env_problems
 
 log = logging.getLogger("wfd")
 
@@ -99,7 +99,8 @@ class Server:
             p.Hello: self.hello, p.Submit: self.submit, p.Status: self.status,
             p.Cancel: self.cancel, p.Replay: self.replay, p.Resume: self.resume,
             p.ResumeAll: self.resume_all, p.Watch: self.watch, p.Logs: self.logs,
-            p.Prune: self.prune, p.Shutdown: self.shutdown,
+            p.Prune: self.prune, p.Shutdown: self.shutdown, p.PoolList: self.pool_list,
+            p.PoolSet: self.pool_set,
         }
 
     @staticmethod
@@ -263,7 +264,8 @@ class Server:
             return
         run = await self.run_for(peer, req.run_id)
         header = self.engine.status(run, steps=False)
-        await send.send_parts(_with_steps(p.RunInfo(header), header, run))
+        await send.send_parts(_with_steps(p.RunInfo(header), header, run,
+                                          self.engine.sched.pool_full))
 
     async def _send_runs(self, peer: Peer, req: p.Status, send: Channel) -> None:
         """The runs the peer may see that pass the request's filters, a part at a time
@@ -349,7 +351,8 @@ class Server:
                     continue
                 last = await _send_progress(send, [event, *_drain(queue)], last)
             header = self.engine.status(run, steps=False)
-            await send.send_parts(_with_steps(p.RunEnded(header), header, run))
+            await send.send_parts(_with_steps(p.RunEnded(header), header, run,
+                                                  self.engine.sched.pool_full))
         finally:
             self.engine.unwatch(run.run_id, queue)
 
@@ -423,6 +426,25 @@ class Server:
         self.shutdown_requested(req.stop_steps)
 
 
+    async def pool_list(self, peer: Peer, req: p.PoolList, send: Channel) -> None:
+        await send(self._pools())
+
+    async def pool_set(self, peer: Peer, req: p.PoolSet, send: Channel) -> None:
+        if not (peer.root or peer.uid == self.uid):
+            # A pool is shared by every user: one member must not take it from the others.
+            raise Refused(f"only root may change the system daemon's pools "
+                          f"({user_name(peer.uid)} asked)")
+        if not POOL_RE.fullmatch(req.name):
+            raise UsageError(f"bad pool name {_shown(req.name)} (must match {POOL_RE.pattern})")
+        if req.limit > MAX_PARALLEL:
+            raise UsageError(f"a pool's limit is at most {MAX_PARALLEL}, got {req.limit}")
+        await self.engine.set_pool(req.name, req.limit)
+        await send(self._pools())
+
+    def _pools(self) -> p.Pools:
+        return p.Pools([p.PoolInfo(*row) for row in self.engine.pool_table()])
+
+
 def _over(run: st.RunState, rec: st.StepRec) -> bool:
     """No further attempt of this step will come (until someone resumes the run)."""
     return rec.state in st.TERMINAL or run.finished
@@ -443,14 +465,14 @@ async def _send_progress(send: Channel, events: list[ev.Event], last: int) -> in
     return fresh[-1].seq if fresh else last
 
 
-def _with_steps(msg: p.Message, status: st.RunStatus | None,
-                run: st.RunState | None) -> Iterator[p.Message]:
+def _with_steps(msg: p.Message, status: st.RunStatus | None, run: st.RunState | None,
+                pool_full: st.PoolFull | None = None) -> Iterator[p.Message]:
     """`msg`, whose `status` holds `run`'s status without its steps, after StepsParts:
     the steps are made as the parts are, and the last of them go in `msg`."""
     if status is None or run is None:
         yield msg
         return
-    for group, last in p.packed(st.step_statuses(run)):
+    for group, last in p.packed(st.step_statuses(run, pool_full)):
         if last:
             status.steps = dict(group)
             yield msg

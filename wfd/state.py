@@ -102,6 +102,10 @@ class StepStatus(msgspec.Struct):
     # The name of the signal that ended the last attempt (exit_code -N), e.g. "SIGTERM"
     # (issue 14); last, so that a StepStatus built by position keeps its meaning.
     exit_signal: str | None = None
+    # The daemon's shared limit it counts against (`pool`), and while it is READY
+    # only because that pool is full, what it waits for: "pool db".
+    pool: str | None = None
+    waiting: str | None = None
 
 
 class RunStatus(msgspec.Struct):
@@ -568,7 +572,16 @@ def fold(workflow: Workflow, events: Iterable[ev.Event]) -> RunState:
 # ---- views ------------------------------------------------------------------
 
 
-def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus:
+# Whether a pool is full now (the daemon's scheduler knows; a replay has no daemon).
+PoolFull = Callable[[str], bool]
+
+
+def step_status(rec: StepRec, depends_on: list[str] | None = None,
+                pool_full: PoolFull | None = None) -> StepStatus:
+    waiting = None
+    if rec.pool is not None and rec.state == READY and pool_full is not None \
+            and pool_full(rec.pool):
+        waiting = f"pool {rec.pool}"
     return StepStatus(
         state=rec.state, attempts=rec.attempts, exit_code=rec.exit_code,
         started_at=rec.started_at, finished_at=rec.finished_at, error=rec.error,
@@ -576,16 +589,18 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None) -> StepStatus
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
         containment=rec.containment, executor=rec.executor, job_id=rec.job_id,
         outputs=rec.outputs,
+        pool=rec.pool, waiting=waiting,
     )
 
 
-def run_status(run: RunState, steps: bool = True) -> RunStatus:
+def run_status(run: RunState, steps: bool = True, pool_full: PoolFull | None = None,
+               ) -> RunStatus:
     """The `status RUN_ID --json` object of a run; without `steps`, its run fields only
     (a 100,000-step run's steps are sent a part at a time, from `step_statuses`)."""
     return RunStatus(
         run_id=run.run_id, name=run.name, owner=run.owner, state=run.state,
         created_at=run.created_at, finished_at=run.finished_at, error=run.error,
-        steps=dict(step_statuses(run)) if steps else {},
+        steps=dict(step_statuses(run, pool_full)) if steps else {},
         schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
         run_seconds=round(run.ran, 6), running_since=_since(run),
     )
@@ -598,10 +613,12 @@ def slot_ts(slot: float | None) -> str | None:
     return ev.format_ts(slot).split(".")[0] + "Z"
 
 
-def step_statuses(run: RunState) -> Iterator[tuple[str, StepStatus]]:
+def step_statuses(run: RunState, pool_full: PoolFull | None = None,
+                  ) -> Iterator[tuple[str, StepStatus]]:
     """Each step's id and status, in file order, made as they are asked for."""
     for rec in run.steps.values():
-        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on))
+        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on),
+                                  pool_full)
 
 
 def run_summary(run: RunState) -> RunSummary:
