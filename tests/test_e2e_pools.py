@@ -17,9 +17,11 @@ from helpers import Daemon, run_json, wait_until, write_workflow
 from test_e2e_dag import max_overlap, read_stamps
 
 
-def stamped(stamps: Path, sleep: float) -> str:
+def stamped(stamps: Path, sleep: float, go: Path) -> str:
+    """Stamp the start; wait for `go` to exist, then `sleep`; stamp the end."""
     name = "$WFD_RUN_ID:$WFD_STEP_ID"
-    return (f'echo "{name} start $(date +%s.%N)" >> {stamps}; sleep {sleep}; '
+    return (f'echo "{name} start $(date +%s.%N)" >> {stamps}; '
+            f'while [ ! -e {go} ]; do sleep 0.05; done; sleep {sleep}; '
             f'echo "{name} end $(date +%s.%N)" >> {stamps}')
 
 
@@ -36,10 +38,10 @@ def steps_in(d: Daemon, run_id: str, state: str) -> list[str]:
 @pytest.mark.timeout(120)
 def test_two_runs_sharing_a_pool_of_one_never_overlap(daemon: Callable[..., Daemon],
                                                       wfd_tmp: Path) -> None:
-    ledger = wfd_tmp / "ledger"
+    ledger, go = wfd_tmp / "ledger", wfd_tmp / "go"
     wf = write_workflow(wfd_tmp, {"steps": [
-        {"id": "a", "command": stamped(ledger, 1.0), "pool": "db"},
-        {"id": "b", "command": stamped(ledger, 1.0), "pool": "db"},
+        {"id": "a", "command": stamped(ledger, 0.3, go), "pool": "db"},
+        {"id": "b", "command": stamped(ledger, 0.3, go), "pool": "db"},
         {"id": "free", "command": "true"},
     ]})
     d = daemon(max_parallel=4, extra=["--pool", "db=1"])
@@ -52,6 +54,7 @@ def test_two_runs_sharing_a_pool_of_one_never_overlap(daemon: Callable[..., Daem
         if step["waiting"] == "pool db" and step["state"] == "READY"], timeout=30)
     wait_until(lambda: any("waiting for pool db" in d.wfctl("status", run_id).stdout
                            for run_id in runs), timeout=30)
+    go.touch()  # until now the first step holds the slot
     for run_id in runs:
         wait_until(lambda r=run_id: run_json(d, r)["state"] == "SUCCEEDED", timeout=60)
 
