@@ -664,7 +664,7 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
                                                     "started_at", "finished_at", "error",
                                                     "depends_on", "cpu", "max_rss",
                                                     "containment", "executor", "job_id",
-                                                    "outputs", "exit_signal"]
+                                                    "outputs", "exit_signal", "pool", "waiting"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 

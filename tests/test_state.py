@@ -695,7 +695,7 @@ RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "er
             "waiting_for_resume"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id",
-             "outputs", "exit_signal"]
+             "outputs", "exit_signal", "pool", "waiting"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
                 "scheduled_at", "run_seconds", "running_since", "waiting_for_resume"]
 
@@ -741,13 +741,14 @@ def test_run_status_values() -> None:
         "finished_at": ev.format_ts(T0 + 1), "error": None, "exit_signal": None,
         "depends_on": [],
         "cpu": None, "max_rss": None, "containment": None,
-        "executor": None, "job_id": None, "outputs": {},
+        "executor": None, "job_id": None, "outputs": {}, "pool": None, "waiting": None,
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
         "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
-        "executor": None, "job_id": None, "outputs": {}, "exit_signal": None,
+        "executor": None, "job_id": None, "outputs": {}, "exit_signal": None, "pool": None,
+        "waiting": None,
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"
