@@ -42,9 +42,9 @@ LATER = (0.0, 0.25, 1.0, 3.0)  # seconds that may pass before an attempt ends
 
 
 def make_step(step_id: str, *deps: str, retries: int = 0, timeout: float | None = None,
-              backoff: Backoff | None = None) -> Step:
+              backoff: Backoff | None = None, run_if: str = "succeeded") -> Step:
     return Step(id=step_id, command="true", depends_on=deps, retries=retries, timeout=timeout,
-                backoff=backoff or Backoff(initial=2.0, factor=2.0, max=60.0))
+                backoff=backoff or Backoff(initial=2.0, factor=2.0, max=60.0), run_if=run_if)
 
 
 def make_workflow(*steps: Step, max_parallel: int | None = None) -> Workflow:
@@ -230,7 +230,12 @@ class Sim:
         run = self.runs[action.run_id]
         step = run.workflow.steps[run.workflow.index[action.step]]
         for dep in step.depends_on:
-            assert run.steps[dep].state == st.SUCCEEDED, f"{step.id} started before {dep}"
+            done = st.TERMINAL if step.run_if != "succeeded" else {st.SUCCEEDED}
+            assert run.steps[dep].state in done, f"{step.id} started before {dep}"
+        if step.run_if == "failed":
+            assert any(run.steps[d].state == st.FAILED or (run.steps[d].state == st.SKIPPED
+                       and run.steps[d].error.startswith("skipped: upstream step "))
+                       for d in step.depends_on), f"{step.id} started with nothing failed"
         assert action.attempt == run.steps[action.step].attempts + 1
         self.check_fair(action)
         self.last_start[action.run_id] = self.last_start[self.owners[action.run_id]] = self.tick()
@@ -363,11 +368,13 @@ def workflows(draw: hs.DrawFn, max_steps: int = 30) -> Workflow:
             max=draw(hs.sampled_from([60.0, 0.0, 3.0])),
             jitter=draw(hs.sampled_from([0.0, 0.1, 0.5])),
         )
+        rules = ["succeeded", "succeeded", "done", "failed"] if deps else ["succeeded", "done"]
         steps.append(make_step(
             f"s{i}", *(f"s{d}" for d in deps),
             retries=draw(hs.integers(0, 2)),
             timeout=draw(hs.sampled_from([None, None, 1.0, 2.5, 30.0])),
             backoff=backoff,
+            run_if=draw(hs.sampled_from(rules)),
         ))
     return make_workflow(*steps, max_parallel=draw(hs.none() | hs.integers(1, 4)))
 
@@ -404,6 +411,22 @@ def check_refold(sim: Sim, run_id: str) -> None:
     assert msgspec.json.encode(st.run_status(fresh)) == live
 
 
+def expected_skips(workflow: Workflow, states: dict[str, str]) -> dict[str, bool]:
+    """The steps `run_if` must have SKIPPED, given the states of those that ran, each with
+    whether its skip counts as a failure; computed here from the rule as the README says
+    it, in file order (a step's dependencies come before it in these workflows)."""
+    skips: dict[str, bool] = {}
+    for step in workflow.steps:
+        failing = [d for d in step.depends_on if states[d] == st.FAILED or skips.get(d)]
+        if step.run_if == "succeeded":
+            if all(states[d] == st.SUCCEEDED for d in step.depends_on):
+                continue
+            skips[step.id] = bool(failing)
+        elif step.run_if == "failed" and not failing:
+            skips[step.id] = False
+    return skips
+
+
 def check_ending(sim: Sim, run_id: str) -> None:
     """The end of a run that was not cancelled, against facts computed here."""
     workflow = sim.workflows[run_id]
@@ -411,11 +434,16 @@ def check_ending(sim: Sim, run_id: str) -> None:
     states = {sid: step.state for sid, step in status.steps.items()}
     failed = {sid for sid, state in states.items() if state == st.FAILED}
     skipped = {sid for sid, state in states.items() if state == st.SKIPPED}
-    assert skipped == downstream(workflow, failed)
+    skips = expected_skips(workflow, states)
+    assert skipped == set(skips)
+    for sid, failure in skips.items():  # a skip because of a failure names the failure
+        assert status.steps[sid].error.startswith("skipped: upstream step ") == failure
+    if all(s.run_if == "succeeded" for s in workflow.steps):  # as before run_if
+        assert skipped == downstream(workflow, failed)
     assert not failed & skipped
     assert all(states[s.id] == st.SUCCEEDED for s in workflow.steps
                if s.id not in failed | skipped)
-    assert (status.state == st.SUCCEEDED) == all(s == st.SUCCEEDED for s in states.values())
+    # The run's outcome: FAILED iff a step FAILED; SKIPPED steps never decide.
     assert status.state == (st.FAILED if failed else st.SUCCEEDED)
     for step in workflow.steps:
         if states[step.id] == st.FAILED:
@@ -430,6 +458,9 @@ def note_coverage(sim: Sim) -> None:
     for run_id, stream in sim.streams.items():
         hypothesis.event(f"run {sim.status(run_id).state}")
         hypothesis.event(f"steps skipped: {any(isinstance(e, ev.StepSkipped) for e in stream)}")
+        ran = {e.step for e in stream if isinstance(e, ev.AttemptClaimed)}
+        rules = {s.run_if for s in sim.workflows[run_id].steps if s.id in ran}
+        hypothesis.event(f"run_if that ran: {sorted(rules)}")
         hypothesis.event(f"retries: {any(isinstance(e, ev.RetryDue) for e in stream)}")
     hypothesis.event(f"runs at once: {len(sim.runs)}")
     hypothesis.event(f"timeout kills: {bool(sim.kills)}")
@@ -492,7 +523,10 @@ def test_resume_reruns_only_what_did_not_succeed(
     before = sim.status("r0")
     if before.state == st.SUCCEEDED:
         return
-    succeeded = {sid for sid, step in before.steps.items() if step.state == st.SUCCEEDED}
+    # Steps with another run_if (cleanup, alert) run again, also when they SUCCEEDED.
+    rules = {step.id: step.run_if for step in workflow.steps}
+    succeeded = {sid for sid, step in before.steps.items()
+                 if step.state == st.SUCCEEDED and rules[sid] == "succeeded"}
     starts = len(sim.starts)
     sim.cancel_at = {}
     sim.choose = first  # every attempt ends at once, before any deadline
@@ -504,8 +538,16 @@ def test_resume_reruns_only_what_did_not_succeed(
     after = sim.status("r0")
     assert after.state == st.SUCCEEDED
     assert not succeeded & {step for _, step in sim.starts[starts:]}
+    # Nothing failed this time: alerts are skipped, and what needs them to succeed.
+    skips = expected_skips(workflow, {sid: step.state for sid, step in after.steps.items()})
+    assert not any(skips.values())
     for sid, step in after.steps.items():
-        if sid not in succeeded:
+        if sid in succeeded:
+            continue
+        if sid in skips:
+            assert step.state == st.SKIPPED
+            assert step.attempts == before.steps[sid].attempts
+        else:
             assert step.attempts == before.steps[sid].attempts + 1
     check_refold(sim, "r0")
 

@@ -65,9 +65,10 @@ ILLEGAL_PAIRS = [
 # ---- helpers -------------------------------------------------------------------
 
 
-def make_step(step_id: str, *deps: str, retries: int = 0, timeout: float | None = None) -> Step:
+def make_step(step_id: str, *deps: str, retries: int = 0, timeout: float | None = None,
+              run_if: str = "succeeded") -> Step:
     return Step(id=step_id, command="true", depends_on=deps, retries=retries, timeout=timeout,
-                backoff=Backoff(initial=2.0, factor=2.0, max=60.0))
+                backoff=Backoff(initial=2.0, factor=2.0, max=60.0), run_if=run_if)
 
 
 def make_workflow(*steps: Step, max_parallel: int | None = None) -> Workflow:
@@ -597,6 +598,135 @@ def test_resume_can_run_a_skipped_step_once_its_cause_succeeds() -> None:
     story.finish(st.SUCCEEDED)
 
     assert st.run_status(story.run).state == st.SUCCEEDED
+
+
+# ---- run_if (issue 15) ------------------------------------------------------------------
+
+
+def backup_story() -> Story:
+    """main -> cleanup (run_if done), alert (run_if failed), report (needs main)."""
+    return Story(make_workflow(
+        make_step("main"),
+        make_step("cleanup", "main", run_if="done"),
+        make_step("alert", "main", run_if="failed"),
+        make_step("report", "main"),
+    )).create()
+
+
+def test_after_a_failure_cleanup_and_alert_are_ready_and_the_rest_skipped() -> None:
+    story = backup_story()
+    story.ready("main")
+    with pytest.raises(IllegalTransition, match="run_if 'done' is not met"):
+        st.apply(story.run, story.event(ev.StepReady, step="cleanup"))
+    story.fail("main")
+
+    assert dict(story.run.promotable) == {"cleanup": None, "alert": None}
+    assert story.run.skippable == {"report": ("main", None)}
+    story.emit(ev.StepSkipped, step="report", cause="main")
+    for step in ("cleanup", "alert"):
+        story.ready(step)
+        story.succeed(step)
+    # A run whose main step failed is FAILED, though its cleanup and alert succeeded.
+    assert story.run.outcome() == st.FAILED
+    story.finish(st.FAILED)
+
+
+def test_after_a_success_the_alert_is_skipped_and_the_run_succeeds() -> None:
+    story = backup_story()
+    story.ready("main")
+    story.succeed("main")
+
+    assert list(story.run.promotable) == ["cleanup", "report"]
+    assert story.run.skippable == {"alert": ("main", "no dependency failed")}
+    with pytest.raises(IllegalTransition, match="run_if 'failed' is not met"):
+        st.apply(story.run, story.event(ev.StepReady, step="alert"))
+    story.emit(ev.StepSkipped, step="alert", cause="main", reason="no dependency failed")
+    assert st.run_status(story.run).steps["alert"].error == "skipped: no dependency failed"
+    for step in ("cleanup", "report"):
+        story.ready(step)
+        story.succeed(step)
+    assert story.run.outcome() == st.SUCCEEDED  # a SKIPPED step does not decide
+    story.finish(st.SUCCEEDED)
+
+
+def test_a_failing_cleanup_fails_the_run() -> None:
+    story = backup_story()
+    story.ready("main")
+    story.succeed("main")
+    story.emit(ev.StepSkipped, step="alert", cause="main", reason="no dependency failed")
+    story.ready("report")
+    story.succeed("report")
+    story.ready("cleanup")
+    story.fail("cleanup")
+
+    with pytest.raises(IllegalTransition):
+        st.apply(story.run, story.event(ev.RunFinished, state=st.SUCCEEDED))
+    story.finish(st.FAILED)
+
+
+def test_an_alert_counts_a_step_skipped_because_of_a_failure_as_failed() -> None:
+    story = Story(make_workflow(
+        make_step("a"),
+        make_step("b", "a"),
+        make_step("alert", "b", run_if="failed"),
+    )).create()
+    story.ready("a")
+    story.fail("a")
+
+    # b is skipped because a failed: the alert runs in the same decision.
+    assert story.run.skippable == {"b": ("a", None)}
+    assert list(story.run.promotable) == ["alert"]
+
+
+def test_a_step_after_a_skipped_alert_is_skipped_but_not_as_a_failure() -> None:
+    story = Story(make_workflow(
+        make_step("a"),
+        make_step("alert", "a", run_if="failed"),
+        make_step("page", "alert"),
+        make_step("audit", "page", run_if="failed"),
+    )).create()
+    story.ready("a")
+    story.succeed("a")
+    story.emit(ev.StepSkipped, step="alert", cause="a", reason="no dependency failed")
+
+    assert story.run.skippable == {
+        "page": ("alert", "dependency 'alert' was skipped"),
+        "audit": ("page", "no dependency failed"),
+    }
+
+
+def test_resume_reruns_cleanup_and_alert_steps_also_when_they_succeeded() -> None:
+    story = backup_story()
+    story.ready("main")
+    story.fail("main")
+    story.emit(ev.StepSkipped, step="report", cause="main")
+    for step in ("cleanup", "alert"):
+        story.ready(step)
+        story.succeed(step)
+    story.finish(st.FAILED)
+
+    story.emit(ev.RunResumed)
+
+    assert {sid: rec.state for sid, rec in story.run.steps.items()} == dict.fromkeys(
+        ("main", "cleanup", "alert", "report"), st.PENDING)
+    assert story.run.steps["cleanup"].attempts == 1  # attempt numbers go on
+    assert list(story.run.promotable) == ["main"]
+    story.ready("main")
+    story.succeed("main")
+    assert story.run.skippable == {"alert": ("main", "no dependency failed")}
+    assert snapshot(st.fold(story.run.workflow, story.events)) == snapshot(story.run)
+
+
+def test_an_old_log_without_run_if_folds_as_before() -> None:
+    """A StepSkipped without `reason` (every log before issue 15) is a failure skip."""
+    story = failed_story()
+    data = b"".join(ev.encode_line(e) for e in story.events)
+    assert b'"reason"' not in data
+
+    folded = st.fold(story.run.workflow, ev.json_decoder.decode_lines(data))
+
+    assert folded.steps["b"].error == "skipped: upstream step 'a' failed"
+    assert folded.outcome() == st.FAILED
 
 
 # ---- fold ---------------------------------------------------------------------------

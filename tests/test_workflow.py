@@ -1236,3 +1236,31 @@ def test_on_lost_takes_only_rerun_or_fail() -> None:
         '$.defaults.on_lost: expected "rerun" or "fail", got 1',
         '$.steps[0].on_lost: expected "rerun" or "fail", got "again"',
     ]
+
+
+# ---- run_if (issue 15) ------------------------------------------------------------------
+
+
+def test_run_if_defaults_to_succeeded_and_takes_done_and_failed() -> None:
+    wf = parse({"steps": [
+        {"id": "main", "command": "true"},
+        {"id": "cleanup", "command": "true", "depends_on": ["main"], "run_if": "done"},
+        {"id": "alert", "command": "true", "depends_on": ["main"], "run_if": "failed"},
+        {"id": "report", "command": "true", "depends_on": ["main"], "run_if": "succeeded"},
+    ]})
+    assert [s.run_if for s in wf.steps] == ["succeeded", "done", "failed", "succeeded"]
+
+
+def test_run_if_problems_are_reported_with_their_paths() -> None:
+    assert problems({"defaults": {"run_if": "done"}, "steps": [
+        {"id": "a", "command": "true", "run_if": "always"},
+        {"id": "b", "command": "true", "run_if": "failed"},
+        {"id": "c", "command": "true", "depends_on": ["a"], "run_if": 1},
+        {"id": "d", "command": "true", "run_if": "done"},
+    ]}) == [
+        "$.defaults.run_if: unknown field",
+        '$.steps[0].run_if: expected "succeeded", "done" or "failed", got "always"',
+        '$.steps[1].run_if: "failed" needs depends_on (with no dependency that could fail, '
+        "it would never run)",
+        '$.steps[2].run_if: expected "succeeded", "done" or "failed", got 1',
+    ]

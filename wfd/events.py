@@ -145,10 +145,14 @@ class RetryDue(Event, tag=True, kw_only=True):
 
 
 class StepSkipped(Event, tag=True, kw_only=True):
-    """PENDING -> SKIPPED: `cause` is the FAILED step upstream of it."""
+    """PENDING -> SKIPPED: its `run_if` can no longer be met. Without `reason`, because
+    of a failure: `cause` is the FAILED step upstream of it. With `reason` (issue 15),
+    for another cause, which `reason` says (e.g. "no dependency failed"); `cause` is
+    then the dependency it names, and the skip does not count as a failure."""
 
     step: str
     cause: str
+    reason: str | None = None
 
 
 class RunCancelRequested(Event, tag=True, kw_only=True):

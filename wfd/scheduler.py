@@ -476,8 +476,11 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
     wake: float | None = None
     if run.cancelling:
         _cancel(run, add)
-    for step_id, cause in run.skippable.items():
-        add(Emit(run.run_id, ev.StepSkipped, {"step": step_id, "cause": cause}))
+    for step_id, (cause, reason) in run.skippable.items():
+        fields = {"step": step_id, "cause": cause}
+        if reason is not None:
+            fields["reason"] = reason
+        add(Emit(run.run_id, ev.StepSkipped, fields))
     for step_id in run.promotable:
         add(Emit(run.run_id, ev.StepReady, {"step": step_id}))
     # Cancelling: `_cancel` has recorded the waiting steps CANCELLED; no retry is due.

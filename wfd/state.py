@@ -11,8 +11,28 @@ the one run-wide step event; its per-step mapping is `RESUME`.
 
 Next to the states, a run keeps small indexes that are equally a function of
 the events (which steps are READY and in what order, which are RUNNING, which
-wait for a retry, which PENDING steps have all dependencies SUCCEEDED and need a
-`StepReady`, which are downstream of a FAILED step and need a `StepSkipped`).
+wait for a retry, which PENDING steps have their `run_if` met and need a
+`StepReady`, which can no longer meet it and need a `StepSkipped`).
+
+When a step PENDING waits on `run_if` (issue 15)
+------------------------------------------------
+A dependency is *settled* once its outcome is known: SUCCEEDED, FAILED, or
+SKIPPED, a dependency marked skippable counting as settled already (so a
+failure skips a whole chain below it in one decision, as before `run_if`). A
+settled dependency that is FAILED, or SKIPPED because of a failure, is
+*failing*. Each PENDING step counts its dependencies not SUCCEEDED (`waiting`),
+not settled (`open`) and failing (`failing`); its rule is then decided:
+
+- `succeeded`: READY when `waiting` is 0; SKIPPED as soon as one dependency is
+  failing (a failure skip, `cause` the FAILED step upstream); SKIPPED once all
+  are settled and one was skipped for another reason (not a failure skip).
+- `done`: READY once `open` is 0; never SKIPPED.
+- `failed`: once `open` is 0, READY if `failing` is not 0, else SKIPPED ("no
+  dependency failed"; not a failure skip).
+
+Whether a skip is a failure skip is thus a function of the final states of its
+dependencies, whatever the order they settled in. The run's outcome is FAILED
+iff a step FAILED; SKIPPED steps never decide it.
 They let the scheduler decide in time proportional to what changed rather than
 to the size of the workflow, and they are rebuilt by the same fold on recovery.
 
@@ -47,6 +67,11 @@ CANCELLED = "CANCELLED"
 CORRUPT = "CORRUPT"  # run state only
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
+
+# A step's `run_if` (issue 15): when it may run, given its dependencies' outcomes.
+RUN_IF_SUCCEEDED = "succeeded"
+RUN_IF_DONE = "done"
+RUN_IF_FAILED = "failed"
 RUN_TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 RUN_STATES = RUN_TERMINAL | {RUNNING, CORRUPT}  # every state a run can be in
 
@@ -161,6 +186,7 @@ class StepRec:
         "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
         "executor", "token", "job_id", "pool",
         "outputs",
+        "open", "failing", "origin", "settled",
     )
 
     def __init__(self, step_id: str, index: int, waiting: int, pool: str | None = None) -> None:
@@ -189,6 +215,10 @@ class StepRec:
         self.token: str | None = None  # the name of that attempt's job: wfd-<token>
         self.job_id: str | None = None  # that job's id, once accepted
         self.outputs: dict[str, str] = _NO_OUTPUTS  # from its AttemptSucceeded
+        self.open = waiting  # dependencies not settled yet (module docstring)
+        self.failing = 0  # dependencies FAILED or SKIPPED because of a failure
+        self.origin: str | None = None  # the FAILED step behind its first failing dependency
+        self.settled = False  # its outcome is known to its dependents
 
 
 class RunState:
@@ -236,7 +266,7 @@ class RunState:
         self.running: dict[str, None] = {}
         self.retry_wait: dict[str, None] = {}
         self.promotable: dict[str, None] = {}
-        self.skippable: dict[str, str] = {}
+        self.skippable: dict[str, tuple[str, str | None]] = {}  # step -> (cause, reason)
         self.counts: dict[str, int] = dict.fromkeys(
             (PENDING, READY, RUNNING, RETRY_WAIT, *TERMINAL), 0
         )
@@ -257,7 +287,7 @@ class RunState:
         """The run state its steps call for once all are terminal."""
         if self.cancelling or self.counts[CANCELLED]:
             return CANCELLED
-        if self.counts[FAILED] or self.counts[SKIPPED]:
+        if self.counts[FAILED]:  # SKIPPED steps never decide (issue 15)
             return FAILED
         return SUCCEEDED
 
@@ -309,30 +339,70 @@ def _move(run: RunState, rec: StepRec, new: str) -> None:
             counts[pool] += (new == member) - (old == member)
 
 
-def _on_succeeded(run: RunState, rec: StepRec) -> None:
+def _settle(run: RunState, rec: StepRec, failure: bool, origin: str | None) -> None:
+    """`rec`'s outcome is known: its dependents count it, and those whose `run_if` is
+    now decided become promotable or skippable; a skippable one settles in turn
+    (iteratively: chains are long)."""
     wf = run.workflow
-    for j in wf.dependents[rec.index]:
-        dep = run.steps[wf.steps[j].id]
-        dep.waiting -= 1
-        if dep.waiting == 0 and dep.state == PENDING and not run.cancelling:
-            run.promotable[dep.id] = None
-
-
-def _on_failed(run: RunState, rec: StepRec) -> None:
-    """Mark every PENDING step downstream of `rec` skippable (iteratively: chains are long)."""
-    wf = run.workflow
-    stack = list(wf.dependents[rec.index])
-    seen: set[int] = set()
+    stack = [(rec, failure, origin)]
     while stack:
-        j = stack.pop()
-        if j in seen:
-            continue
-        seen.add(j)
-        dep = run.steps[wf.steps[j].id]
-        if dep.state == PENDING:
-            run.skippable.setdefault(dep.id, rec.id)
-            run.promotable.pop(dep.id, None)
-        stack.extend(wf.dependents[j])
+        rec, failure, origin = stack.pop()
+        rec.settled = True
+        succeeded = rec.state == SUCCEEDED
+        for j in wf.dependents[rec.index]:
+            dep = run.steps[wf.steps[j].id]
+            dep.open -= 1
+            if succeeded:
+                dep.waiting -= 1
+            if failure:
+                dep.failing += 1
+                if dep.origin is None:
+                    dep.origin = origin
+            if dep.state != PENDING or run.cancelling or dep.settled:
+                continue
+            skip = _judge(run, dep)
+            if skip is not None:
+                run.skippable[dep.id] = skip
+                stack.append((dep, skip[1] is None, dep.origin))
+
+
+def _judge(run: RunState, rec: StepRec) -> tuple[str, str | None] | None:
+    """Decide a PENDING step's `run_if` if its dependencies allow: mark it promotable,
+    or return (cause, reason) to skip it (reason None: because of a failure)."""
+    step = run.workflow.steps[rec.index]
+    rule = step.run_if
+    if rule == RUN_IF_SUCCEEDED:
+        if rec.waiting == 0:
+            run.promotable[rec.id] = None
+        elif rec.failing:
+            return (rec.origin or "?", None)
+        elif rec.open == 0:
+            skipped = next(d for d in step.depends_on if run.steps[d].state != SUCCEEDED)
+            return (skipped, f"dependency {skipped!r} was skipped")
+    elif rec.open == 0:
+        if rule == RUN_IF_DONE or rec.failing:
+            run.promotable[rec.id] = None
+        else:
+            return (step.depends_on[0], "no dependency failed")
+    return None
+
+
+def _rule_met(run: RunState, rec: StepRec) -> bool:
+    """Whether a step's `run_if` lets it become READY now."""
+    rule = run.workflow.steps[rec.index].run_if
+    if rule == RUN_IF_SUCCEEDED:
+        return rec.waiting == 0
+    return rec.open == 0 and (rule == RUN_IF_DONE or rec.failing > 0)
+
+
+def _judge_roots(run: RunState) -> None:
+    """Judge every PENDING step whose dependencies are all settled (a new or resumed run)."""
+    for rec in run.steps.values():
+        if rec.state == PENDING and rec.open == 0 and not rec.settled:
+            skip = _judge(run, rec)
+            if skip is not None:
+                run.skippable[rec.id] = skip
+                _settle(run, rec, skip[1] is None, rec.origin)
 
 
 def _step_event(run: RunState, event: ev.Event) -> None:
@@ -351,8 +421,11 @@ def _step_event(run: RunState, event: ev.Event) -> None:
         _check_attempt(run, rec, event, rec.attempts)
     elif kind is ev.StepCancelled and event.attempt is not None:  # type: ignore[attr-defined]
         _check_attempt(run, rec, event, rec.attempts)
-    elif kind is ev.StepReady and rec.waiting:
-        raise _illegal(run, event, f"for step {rec.id!r} with dependencies not SUCCEEDED")
+    elif kind is ev.StepReady and not _rule_met(run, rec):
+        rule = run.workflow.steps[rec.index].run_if
+        why = ("with dependencies not SUCCEEDED" if rule == RUN_IF_SUCCEEDED
+               else f"whose run_if {rule!r} is not met")
+        raise _illegal(run, event, f"for step {rec.id!r} {why}")
     _STEP_EFFECTS[kind](run, rec, event)
     if isinstance(event, ev.AttemptEnd) and event.cpu is not None:
         rec.cpu = (rec.cpu or 0.0) + event.cpu
@@ -360,6 +433,9 @@ def _step_event(run: RunState, event: ev.Event) -> None:
     _move(run, rec, new)
     if new in TERMINAL:
         rec.finished_at = event.ts
+        if new != CANCELLED and not rec.settled:
+            failure = new == FAILED or (kind is ev.StepSkipped and event.reason is None)  # type: ignore[attr-defined]
+            _settle(run, rec, failure, rec.id if new == FAILED else rec.origin)
 
 
 _ATTEMPT_EVENTS = frozenset({
@@ -408,7 +484,6 @@ def _eff_succeeded(run: RunState, rec: StepRec, event: ev.AttemptSucceeded) -> N
         rec.outputs = event.outputs
         run.producers[rec.id] = None
         run.producers_seq = event.seq
-    _on_succeeded(run, rec)
 
 
 def _eff_attempt_failed(run: RunState, rec: StepRec, event: ev.AttemptFailed) -> None:
@@ -423,7 +498,6 @@ def _eff_step_failed(run: RunState, rec: StepRec, event: ev.StepFailed) -> None:
     rec.failures += 1
     rec.exit_code = event.exit_code
     rec.error = event.error
-    _on_failed(run, rec)
 
 
 def _eff_interrupted(run: RunState, rec: StepRec, event: ev.AttemptInterrupted) -> None:
@@ -435,7 +509,11 @@ def _eff_retry_due(run: RunState, rec: StepRec, event: ev.RetryDue) -> None:
 
 
 def _eff_skipped(run: RunState, rec: StepRec, event: ev.StepSkipped) -> None:
-    rec.error = f"skipped: upstream step {event.cause!r} failed"
+    if event.reason is None:
+        rec.error = f"skipped: upstream step {event.cause!r} failed"
+        rec.origin = event.cause
+    else:
+        rec.error = f"skipped: {event.reason}"
 
 
 def _eff_cancelled(run: RunState, rec: StepRec, event: ev.StepCancelled) -> None:
@@ -475,9 +553,7 @@ def _run_created(run: RunState, event: ev.RunCreated) -> None:
     run.slot = event.slot
     run.key = event.key
     run.running_since = event.ts
-    for rec in run.steps.values():
-        if rec.waiting == 0:
-            run.promotable[rec.id] = None
+    _judge_roots(run)
 
 
 def _run_cancel(run: RunState, event: ev.RunCancelRequested) -> None:
@@ -512,23 +588,27 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
             raise _illegal(run, event, f"with step {rec.id!r} in state {rec.state}")
     wf = run.workflow
     for rec in run.steps.values():
-        if rec.state == SUCCEEDED:
+        # A step with another run_if (cleanup, alert) runs again, also when it SUCCEEDED.
+        if rec.state == SUCCEEDED and wf.steps[rec.index].run_if == RUN_IF_SUCCEEDED:
             continue
         _move(run, rec, PENDING)
         _forget_outputs(run, rec, event.seq)
         rec.failures = 0
         rec.error = None
         rec.started_at = rec.finished_at = None
-        rec.waiting = sum(
+    for rec in run.steps.values():
+        rec.settled = rec.state == SUCCEEDED
+        rec.waiting = rec.open = sum(
             run.steps[wf.steps[d].id].state != SUCCEEDED for d in wf.deps[rec.index]
         )
-        if rec.waiting == 0:
-            run.promotable[rec.id] = None
+        rec.failing = 0
+        rec.origin = None
     run.state = RUNNING
     run.cancelling = False
     run.finished_at = None
     run.running_since = event.ts
     run.resumed = True
+    _judge_roots(run)
 
 
 def _forget_outputs(run: RunState, rec: StepRec, seq: int) -> None:
@@ -674,7 +754,10 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
         f"{e.step}: READY (attempt {e.attempt} interrupted: {e.reason})"
     ),
     ev.RetryDue: lambda e: f"{e.step}: READY (retry due)",
-    ev.StepSkipped: lambda e: f"{e.step}: SKIPPED (upstream {e.cause} failed)",
+    ev.StepSkipped: lambda e: (
+        f"{e.step}: SKIPPED (upstream {e.cause} failed)" if e.reason is None
+        else f"{e.step}: SKIPPED ({e.reason})"
+    ),
     ev.RunCancelRequested: lambda e: "run: cancel requested",
     ev.StepCancelled: lambda e: f"{e.step}: CANCELLED",
     ev.RunFinished: lambda e: f"run: {e.state}",

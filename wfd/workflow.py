@@ -174,6 +174,10 @@ class Step(_Model, frozen=True, gc=False):
     executor: str = "local"
     slurm: SlurmOptions | None = None  # defaults.slurm merged field by field under the step's
     pool: str | None = None  # the daemon's shared limit it counts against, if any
+    # When it may run, given its dependencies' outcomes: "succeeded" (all SUCCEEDED),
+    # "done" (all finished, whatever their state: cleanup), "failed" (all finished and
+    # at least one FAILED or SKIPPED because of a failure: alerts). See state.py.
+    run_if: str = "succeeded"
 
 
 class Workflow(_Model, frozen=True, gc=False):
@@ -807,8 +811,18 @@ _SHARED_CHECKS: dict[str, Callable[[object], object]] = {
     "pool": _check_pool,
 }
 
+RUN_IF = ("succeeded", "done", "failed")
+
+
+def _check_run_if(v: object) -> str:
+    if v in RUN_IF and type(v) is str:
+        return v  # type: ignore[return-value]
+    raise _bad('expected "succeeded", "done" or "failed"', v)
+
+
 _STEP_CHECKS: dict[str, Callable[[object], object]] = {
     "command": _check_command,
+    "run_if": _check_run_if,
     **_SHARED_CHECKS,
 }
 
@@ -937,6 +951,9 @@ class _Validator:
                         check(value)
                     except _Bad as e:  # the path is only built for a problem
                         self._report(f"$.steps[{i}]{_key(key)}", e)
+        if step.get("run_if") == "failed" and not step.get("depends_on"):
+            self.problems.append(f'$.steps[{i}].run_if: "failed" needs depends_on '
+                                 "(with no dependency that could fail, it would never run)")
         return deps
 
     def _check_id(self, i: int, sid: object, ids_ok: bool) -> None:
@@ -1082,6 +1099,7 @@ class _Merger:
             executor=get("executor", self.executor),  # type: ignore[arg-type]
             slurm=self._slurm(get("slurm")),  # type: ignore[arg-type]
             pool=get("pool", self.pool),  # type: ignore[arg-type]
+            run_if=get("run_if", "succeeded"),  # type: ignore[arg-type]
         )
 
     def _slurm(self, own: dict[str, object] | None) -> SlurmOptions | None:
