@@ -38,6 +38,7 @@ from wfd.errors import (
 if TYPE_CHECKING:
     from wfctl.conn import Connection
     from wfd.state import RunStatus
+    from wfd.workflow import Workflow
 
 EXIT_INTERNAL = 70  # sysexits EX_SOFTWARE
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports Ctrl-C
@@ -346,8 +347,8 @@ def _not_regular(mode: int) -> str:
     return f"not a regular file ({kind})"
 
 
-def load_workflow(path: str) -> tuple[str, int]:
-    """Read and validate a workflow file: its text and number of steps. Problems are
+def load_workflow(path: str) -> tuple[str, Workflow]:
+    """Read and validate a workflow file: its text and the workflow. Problems are
     reported as `FILE: problem`, one a line, and end the command with exit 2."""
     data = read_workflow(path)
     from wfd.errors import WorkflowInvalid
@@ -363,7 +364,7 @@ def load_workflow(path: str) -> tuple[str, int]:
         text = data.decode("utf-8")
     except UnicodeDecodeError as e:  # the parser should have said so; never send mojibake
         raise UsageError(f"{path}: not UTF-8 ({e.reason} at byte {e.start})") from None
-    return text, len(workflow.steps)
+    return text, workflow
 
 
 def _stem(path: str) -> str:
@@ -387,7 +388,8 @@ def _event_line(event: object) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    _, steps = load_workflow(args.file)
+    _, workflow = load_workflow(args.file)
+    steps = len(workflow.steps)
     out(f"{args.file}: ok ({steps} step{'' if steps == 1 else 's'})")
     return EXIT_OK
 
@@ -395,8 +397,12 @@ def cmd_validate(args: argparse.Namespace) -> int:
 def cmd_run(args: argparse.Namespace) -> int:
     from wfd import protocol
 
-    text, _ = load_workflow(args.file)  # before anything is contacted
+    text, workflow = load_workflow(args.file)  # before anything is contacted
     variables = parse_vars(args.vars)
+    from wfd.params import resolve_vars
+
+    resolve_vars(workflow, variables)  # a typo or a missing param ends it here (the daemon
+    # checks again, and fills in the defaults itself)
     umask = os.umask(0o077)  # reading the umask means setting it; put it back at once
     os.umask(umask)
     base_dir = os.path.dirname(os.path.abspath(args.file))
@@ -722,10 +728,8 @@ def cmd_graph(args: argparse.Namespace) -> int:
     from wfctl import graph
 
     if _names_file(args.target):
-        from wfd.workflow import parse_workflow
-
-        text, _ = load_workflow(args.target)
-        picture = graph.from_workflow(parse_workflow(text, default_name=_stem(args.target)))
+        _, workflow = load_workflow(args.target)
+        picture = graph.from_workflow(workflow)
     else:
         from wfd import protocol
 

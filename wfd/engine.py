@@ -41,6 +41,7 @@ from wfd.errors import StorageError, UsageError
 from wfd.eventlog import Layout, Submission
 from wfd.executor import AttemptKey, AttemptSpec, Executor, StaleAttempt, StartFailed, StartInfo
 from wfd.outputs import output_env, upstream
+from wfd.params import resolve_vars
 from wfd.pools import PoolLimits
 from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
@@ -716,6 +717,7 @@ class Engine:
                                             store.default_name(source))
             self._check_executors(wf)
             self._check_pools(wf)
+            vars = resolve_vars(wf, vars or {})  # declared params: checked, defaults in
             self._refuse_new_runs()
             now = self.clock.now()
             sub = Submission(

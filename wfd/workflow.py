@@ -42,6 +42,10 @@ Decisions where SPEC 1 is silent
   directory, even when `defaults.cwd` is set) and `max_parallel` (the
   daemon's limit); each means the same as leaving the field out at top level.
 - `max_parallel` is at most 1,000,000, so it always fits a msgpack int.
+- `params` names are variable names (`^[A-Za-z_][A-Za-z0-9_]{0,127}$`, not
+  `WFD_*`: those are the daemon's); a param is `{"default": str,
+  "required": bool, "description": str}`, all optional; a required param
+  with a default is an error (it could never be missing).
 - `pool` (a step's, or `defaults.pool`) names one of the daemon's shared limits; a
   name matches `POOL_RE`. Whether the daemon has that pool is checked at submit,
   not here (the validator does not know the daemon). `"pool": null` in a step
@@ -180,6 +184,14 @@ class Step(_Model, frozen=True, gc=False):
     run_if: str = "succeeded"
 
 
+class Param(_Model, frozen=True):
+    """A declared workflow parameter (`params`): a `wfctl run FILE NAME=VALUE` variable."""
+
+    default: str | None = None  # its value when not given; None: not set at all
+    required: bool = False  # a run must give it
+    description: str = ""
+
+
 class Workflow(_Model, frozen=True, gc=False):
     """A validated workflow; `index`, `deps` and `dependents` are derived from `steps`.
 
@@ -199,6 +211,8 @@ class Workflow(_Model, frozen=True, gc=False):
     # queues (on_busy "queue") or is refused ("skip"). None: no limit.
     concurrency: int | None = None
     on_busy: str = "queue"
+    # Declared parameters: when there are any, `wfctl run` variables must be among them.
+    params: dict[str, Param] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -243,6 +257,7 @@ def _no_gc() -> Iterator[None]:
 def build_workflow(
     name: str, max_parallel: int | None, env: dict[str, str], steps: tuple[Step, ...],
     *, concurrency: int | None = None, on_busy: str = "queue",
+    params: dict[str, Param] | None = None,
 ) -> Workflow:
     """A Workflow from valid, merged Steps, with its derived fields computed."""
     index: dict[str, int] = {}
@@ -259,6 +274,7 @@ def build_workflow(
         deps=deps,
         concurrency=concurrency,
         on_busy=on_busy,
+        params=params or {},
     )
 
 
@@ -685,6 +701,48 @@ def _check_on_busy(v: object) -> str:
     raise _bad('expected "queue" or "skip"', v)
 
 
+PARAM_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+
+def _check_params(v: object) -> dict[str, Param]:
+    if type(v) is not dict:
+        raise _bad("expected an object of parameters", v)
+    out: dict[str, Param] = {}
+    items: list[tuple[str, str]] = []
+    for name, decl in v.items():
+        if not PARAM_NAME_RE.fullmatch(name) or name.startswith("WFD_"):
+            items.append((_key(name), f"invalid parameter name {_show(name)} (must match "
+                                      f"{PARAM_NAME_RE.pattern}, not WFD_*)"))
+            continue
+        try:
+            out[name] = _check_param(decl)
+        except _Bad as e:
+            items.extend((_key(name) + sub, why) for sub, why in e.items)
+    if items:
+        raise _Bad(items)
+    return out
+
+
+def _check_param(v: object) -> Param:
+    if type(v) is not dict:
+        raise _bad('expected an object ({"default", "required", "description"})', v)
+    items: list[tuple[str, str]] = []
+    for key, value in v.items():
+        if key not in ("default", "required", "description"):
+            items.append((_key(key), "unknown field"))
+        elif key == "required" and type(value) is not bool:
+            items.append((_key(key), f"expected true or false, got {_show(value)}"))
+        elif key != "required" and type(value) is not str:
+            items.append((_key(key), f"expected a string, got {_show(value)}"))
+        elif key == "default" and "\0" in value:
+            items.append((_key(key), "must not contain a NUL character"))
+    if not items and v.get("required") and "default" in v:
+        items.append(("", "a required parameter cannot have a default"))
+    if items:
+        raise _Bad(items)
+    return Param(**v)
+
+
 def _check_name(v: object) -> str:
     if type(v) is str and v and not CONTROL_RE.search(v):
         return v
@@ -837,6 +895,7 @@ _TOP_CHECKS: dict[str, Callable[[object], object]] = {
     "env": _check_env,
     "concurrency": _check_max_parallel,
     "on_busy": _check_on_busy,
+    "params": _check_params,
 }
 
 _ID_MATCH = STEP_ID_RE.fullmatch
@@ -1012,6 +1071,7 @@ class _Validator:
             deps=tuple(map(tuple, self.deps)),
             concurrency=top.get("concurrency"),  # type: ignore[arg-type]
             on_busy=top.get("on_busy", "queue"),  # type: ignore[arg-type]
+            params=top.get("params", {}),  # type: ignore[arg-type]
         )
 
 
