@@ -87,6 +87,44 @@ def test_outputs_reach_a_grandchild_and_show_in_status_and_replay(
     assert not path.parent.exists()
 
 
+@pytest.mark.timeout(120)
+def test_each_step_gets_the_outputs_of_its_own_upstream_only(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """Two branches whose producers end at different times (the engine memoizes which
+    steps upstream have outputs): each branch gets its own, and a join gets both."""
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "a", "command": "echo A=1 >> $WFD_OUTPUT"},
+        {"id": "b", "command": "while [ ! -f c.env ]; do sleep 0.05; done; "
+                               "echo B=2 >> $WFD_OUTPUT"},
+        {"id": "c", "command": f"{ENV_DUMP} > c.env.tmp; mv c.env.tmp c.env",
+         "depends_on": ["a"]},
+        {"id": "d", "command": f"{ENV_DUMP} > d.env", "depends_on": ["b"]},
+        {"id": "e", "command": f"{ENV_DUMP} > e.env", "depends_on": ["c", "d"]},
+    ]})
+    d = daemon()
+    d.submit(wf, "--wait")
+    assert lines(wfd_tmp / "c.env") == ["WFD_OUT_a_A=1"]
+    assert lines(wfd_tmp / "d.env") == ["WFD_OUT_b_B=2"]
+    assert lines(wfd_tmp / "e.env") == ["WFD_OUT_a_A=1", "WFD_OUT_b_B=2"]
+
+
+@pytest.mark.timeout(120)
+def test_a_cleanup_step_rerun_by_resume_gets_the_outputs_of_the_rerun(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "a", "command": "test -f ok && echo A=done >> $WFD_OUTPUT"},
+        {"id": "cleanup", "run_if": "done", "depends_on": ["a"],
+         "command": f"{ENV_DUMP} >> cleanup.env; echo --- >> cleanup.env"},
+    ]})
+    d = daemon()
+    done = d.wfctl("run", str(wf), "--wait")
+    assert done.returncode == 1, done.stderr
+    (wfd_tmp / "ok").touch()
+    assert d.wfctl("resume", done.stdout.strip()).returncode == 0
+    wait_for_state(d, done.stdout.strip(), "SUCCEEDED")
+    assert lines(wfd_tmp / "cleanup.env") == ["---", "WFD_OUT_a_A=done", "---"]
+
+
 @pytest.mark.timeout(180)
 def test_outputs_survive_a_kill_9_between_producer_and_consumer(
         daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
