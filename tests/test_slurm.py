@@ -34,7 +34,8 @@ def slurm_cluster() -> None:
 @pytest.mark.timeout(180)
 def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
     """Prove-it 1: local and Slurm steps in one DAG; the Slurm step's output in `wfctl
-    logs`, its env the one a local step gets (marks, the workflow's variables)."""
+    logs`, its env the one a local step gets (marks, the workflow's variables); its
+    $WFD_OUTPUT reaches the steps downstream, as a local step's does."""
     wf = write_workflow(wfd_tmp, {
         "env": {"FROM_WORKFLOW": "wf"},
         "steps": [
@@ -43,7 +44,10 @@ def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
              "env": {"FROM_STEP": "step"}, "slurm": {"partition": "debug", "time": 5},
              "command": [*DUMP_ENV[:2], DUMP_ENV[2] + "; print('hello from slurm');"
                          " print(open('prep.out').read().strip())", str(wfd_tmp / "env.json")]},
-            {"id": "after", "depends_on": ["remote"], "command": "test -s env.json"},
+            {"id": "emit", "executor": "slurm", "depends_on": ["prep"],
+             "command": 'echo GREETING=hi >> "$WFD_OUTPUT"'},
+            {"id": "after", "depends_on": ["remote", "emit"],
+             "command": 'test -s env.json && [ "$WFD_OUT_emit_GREETING" = hi ]'},
         ],
     })
     d = daemon()
@@ -74,8 +78,10 @@ def test_mixed_dag_succeeds(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
 
     events = replay_events(d, run_id)
     names = job_names(events)
-    assert len(names) == 1
-    assert [row[0] for row in jobs_named() if row[2] in names] == [remote["job_id"]]
+    assert len(names) == 2  # remote and emit, one job each
+    ids = {row[0] for row in jobs_named() if row[2] in names}
+    assert ids == {remote["job_id"], status["steps"]["emit"]["job_id"]}
+    assert status["steps"]["emit"]["outputs"] == {"GREETING": "hi"}
 
 
 @pytest.mark.timeout(120)

@@ -338,7 +338,7 @@ class SlurmExecutor:
         if record.why == "terminated":  # our SIGTERM: the kill's reason, as for local steps
             record.why = job.killing or "terminated"
         self._end(job, record.exit_code, record.kill_reason, record.error,
-                  (record.cpu, record.max_rss))
+                  (record.cpu, record.max_rss), record.outputs, record.output_error)
         return True
 
     def _seen(self, job: _Job, row: tuple[str, str] | None, now: float) -> None:
@@ -388,12 +388,14 @@ class SlurmExecutor:
         self.on_lost(job.key, why)
 
     def _end(self, job: _Job, exit_code: int | None, kill_reason: str | None,
-             start_error: str | None, usage: tuple[float, int] | None = None) -> None:
+             start_error: str | None, usage: tuple[float, int] | None = None,
+             outputs: dict[str, str] | None = None, output_error: str | None = None) -> None:
         if job.ended:
             return
         job.ended = True
         self.jobs.pop(job.key, None)
-        self.on_end(job.key, exit_code, kill_reason, start_error=start_error, usage=usage)
+        self.on_end(job.key, exit_code, kill_reason, start_error=start_error, usage=usage,
+                    outputs=outputs, output_error=output_error)
 
     def ack(self, keys: list[AttemptKey]) -> None:
         """The outcome is durable: the job's exit record may go."""

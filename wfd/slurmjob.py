@@ -66,6 +66,7 @@ def write_record(path: str, record: object) -> None:
 async def supervise(spec: JobSpec) -> object:
     """Run the attempt; its exit record once its whole tree is gone."""
     from wfd.keeper import ExitRecord
+    from wfd.outfile import OutputFile
     from wfd.procs import LocalExecutor
 
     key = AttemptKey(spec.run_id, spec.step, spec.attempt)
@@ -80,15 +81,20 @@ async def supervise(spec: JobSpec) -> object:
     executor = LocalExecutor(on_end)
     executor.install(loop)
     started_at = time.time()
+    outfile = None
     try:
         log_fd = os.open(spec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         on_end(key, None, None, start_error=f"cannot open log: {exc.strerror}")
     else:
-        try:
-            executor.start(AttemptSpec(key=key, argv=spec.argv, env=spec.env, cwd=spec.cwd,
+        try:  # $WFD_OUTPUT on the node, as the keeper makes it for a local step
+            outfile = OutputFile.create(None)
+            env = {**spec.env, "WFD_OUTPUT": outfile.path}
+            executor.start(AttemptSpec(key=key, argv=spec.argv, env=env, cwd=spec.cwd,
                                        log_fd=log_fd, umask=spec.umask,
                                        kill_grace=spec.kill_grace))
+        except OSError as exc:
+            on_end(key, None, None, start_error=f"cannot make $WFD_OUTPUT: {exc.strerror}")
         except StartFailed as exc:
             on_end(key, None, None, start_error=str(exc))
         finally:
@@ -101,9 +107,25 @@ async def supervise(spec: JobSpec) -> object:
     exit_code, kill_reason, start_error, usage = await ended
     cpu, max_rss = usage or (0.0, 0)
     why = "start-failed" if start_error is not None else (kill_reason or "exited")
+    outputs, output_error = read_outputs(outfile, exit_code == 0 and why == "exited")
     return ExitRecord(run_id=spec.run_id, step=spec.step, attempt=spec.attempt,
                       exit_code=exit_code, why=why, error=start_error, started_at=started_at,
-                      ended_at=time.time(), cpu=cpu, max_rss=max_rss)
+                      ended_at=time.time(), cpu=cpu, max_rss=max_rss, outputs=outputs,
+                      output_error=output_error)
+
+
+def read_outputs(outfile: object, succeeded: bool) -> tuple[dict[str, str], str | None]:
+    """A succeeded attempt's outputs, or why they are refused (the keeper's rules)."""
+    from wfd.outputs import OutputInvalid, parse_outputs
+
+    if outfile is None:
+        return {}, None
+    try:
+        return (parse_outputs(outfile.read()) if succeeded else {}), None  # type: ignore[attr-defined]
+    except OutputInvalid as exc:
+        return {}, str(exc)
+    finally:
+        outfile.remove()  # type: ignore[attr-defined]
 
 
 def main() -> int:
