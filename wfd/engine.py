@@ -515,7 +515,7 @@ class Engine:
             timeout=step.timeout,
         )
         if step.executor != "local":
-            self._submit(run, rec, spec)
+            self._submit_job(run, rec, spec)
             return
         try:
             info = self.executor.start(spec)
@@ -532,7 +532,7 @@ class Engine:
         """An executor found the attempt never started (no job by its name): start it."""
         self._spawn(key)
 
-    def _submit(self, run: st.RunState, rec: st.StepRec, spec: AttemptSpec) -> None:
+    def _submit_job(self, run: st.RunState, rec: st.StepRec, spec: AttemptSpec) -> None:
         """A batch attempt (Slurm): its intent, with the token that names its job, durable
         before the submission; an intent already recorded (a job its earlier daemon
         submitted, or not, as the executor found out by that name) keeps its token."""
@@ -554,9 +554,9 @@ class Engine:
         self._record(key.run_id, ev.AttemptSubmitting, {
             "step": key.step, "attempt": key.attempt, "executor": step.executor,
             "token": spec.token})
-        self.after_commit(lambda: self._submit_durable(spec))
+        self.after_commit(lambda: self._job_intent_durable(spec))
 
-    def _submit_durable(self, spec: AttemptSpec) -> None:
+    def _job_intent_durable(self, spec: AttemptSpec) -> None:
         key = spec.key
         faults.hit("slurm-intent")  # tests: a crash after the intent, before sbatch
         run = self.runs.get(key.run_id)
