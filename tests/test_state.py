@@ -34,7 +34,7 @@ STEP_EVENTS: tuple[type[ev.Event], ...] = (
     ev.StepSkipped, ev.StepCancelled, ev.AttemptSubmitting, ev.AttemptSubmitted,
 )
 RUN_EVENTS: tuple[type[ev.Event], ...] = (
-    ev.RunCreated, ev.RunCancelRequested, ev.RunFinished, ev.RunResumed,
+    ev.RunCreated, ev.RunCancelRequested, ev.RunFinished, ev.RunResumed, ev.StepsRetried,
 )
 
 # SPEC 2, written out independently of the module: (state, event) -> next state.
@@ -772,6 +772,8 @@ def soup_event(story: Story, kind: type[ev.Event], step: str, attempt_shift: int
         fields = {"run_id": "r1", "name": "wf", "owner": "alice", "owner_uid": 1}
     elif kind is ev.RunFinished:
         fields = {"state": story.run.outcome()}
+    elif kind is ev.StepsRetried:
+        fields = {"steps": [step]}
     else:
         fields = {}
     return kind(seq=story.run.last_seq + 1 + seq_shift, ts=ev.format_ts(story.now), **fields)
@@ -932,7 +934,89 @@ def test_every_event_type_has_a_description(kind: type[ev.Event]) -> None:
         fields = {"run_id": "r1", "name": "wf", "owner": "alice", "owner_uid": 1}
     elif kind is ev.RunFinished:
         fields = {"state": st.SUCCEEDED}
+    elif kind is ev.StepsRetried:
+        fields = {"steps": ["a", "b"]}
     else:
         fields = {}
     text = st.describe(story.event(kind, **fields))
     assert text and text != kind.__name__
+
+
+# ---- StepsRetried (wfctl retry) ----------------------------------------------------------
+
+
+def chain_story() -> Story:
+    """a -> b -> c, and d alone; a and d succeed, b fails, c is skipped; FAILED."""
+    story = Story(make_workflow(make_step("a"), make_step("b", "a"), make_step("c", "b"),
+                                make_step("d"))).create()
+    story.ready("a")
+    story.ready("d")
+    story.succeed("a")
+    story.succeed("d")
+    story.ready("b")
+    story.fail("b")
+    story.emit(ev.StepSkipped, step="c", cause="b")
+    story.finish(st.FAILED)
+    return story
+
+
+def test_retry_reruns_the_named_steps_and_keeps_the_others() -> None:
+    story = chain_story()
+    story.later(60)
+    story.emit(ev.StepsRetried, steps=["b", "c"])
+    assert story.run.state == st.RUNNING
+    assert [story.state_of(s) for s in "abcd"] == [st.SUCCEEDED, st.PENDING, st.PENDING,
+                                                  st.SUCCEEDED]
+    assert list(story.run.promotable) == ["b"]  # c waits for b; a is not rerun
+    assert story.run.steps["b"].error is None and story.run.steps["b"].failures == 0
+    story.ready("b")
+    assert story.claim("b") == 2  # attempt numbers go on
+    story.emit(ev.AttemptSucceeded, step="b", attempt=2)
+    story.ready("c")
+    story.succeed("c")
+    story.finish(st.SUCCEEDED)
+    assert st.run_status(story.run).state == st.SUCCEEDED
+
+
+def test_retry_of_a_succeeded_step_and_what_follows() -> None:
+    story = chain_story()
+    story.emit(ev.StepsRetried, steps=st.downstream(story.run, ["a"]))
+    assert [story.state_of(s) for s in "abcd"] == [st.PENDING, st.PENDING, st.PENDING,
+                                                  st.SUCCEEDED]
+    assert st.downstream(story.run, ["b"]) == ["b", "c"]
+    assert st.downstream(story.run, ["d", "a"]) == ["a", "b", "c", "d"]
+
+
+def test_retry_of_a_succeeded_step_alone_leaves_the_ones_after_it_as_they_were() -> None:
+    story = Story(make_workflow(make_step("a"), make_step("b", "a"))).create()
+    story.ready("a")
+    story.succeed("a")
+    story.ready("b")
+    story.succeed("b")
+    story.finish(st.SUCCEEDED)
+    story.emit(ev.StepsRetried, steps=["a"])
+    assert list(story.run.promotable) == ["a"]
+    story.ready("a")
+    story.succeed("a")
+    assert story.state_of("b") == st.SUCCEEDED and story.run.steps["b"].attempts == 1
+    assert not story.run.promotable  # b is not run again
+    story.finish(st.SUCCEEDED)
+    story.emit(ev.StepsRetried, steps=["b"])  # and a later retry of b counts afresh
+    story.ready("b")
+    story.succeed("b")
+    story.finish(st.SUCCEEDED)
+    assert story.run.steps["b"].attempts == 2
+
+
+@pytest.mark.parametrize(("steps", "words"), [
+    (["c"], "depends on 'b', which is FAILED"),
+    (["zz"], "has no step 'zz'"),
+    ([], "no step named"),
+])
+def test_retry_refusals(steps: list[str], words: str) -> None:
+    assert_refused(chain_story(), ev.StepsRetried, words, steps=steps)
+
+
+def test_retry_of_a_running_run_is_refused() -> None:
+    story, _ = reach(st.RUNNING)
+    assert_refused(story, ev.StepsRetried, "only a finished run", steps=["a"])

@@ -226,6 +226,9 @@ def _command_in(argv: list[str]) -> str | None:
 _JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
 _RUN_ID = (("run_id",), {"metavar": "RUN_ID",
                          "help": "a run id or a reference: 5c9b, @last, NAME@last, NAME@-2"})
+_WAIT = [(("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
+         (("--follow",), {"action": "store_true",
+                          "help": "wait, and show each transition on stderr"})]
 _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
     ("validate", "check a workflow file; no daemon needed",
      [(("file",), {"metavar": "FILE"})]),
@@ -254,7 +257,18 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
       (("--all",), {"action": "store_true", "help": "every run, not the newest 20"})]),
     ("cancel", "cancel a run", [_RUN_ID]),
     ("replay", "re-fold a run's event log and check it", [_RUN_ID, _JSON]),
-    ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID]),
+    ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID, *_WAIT]),
+    ("retry", "run steps of a finished run again, in that run (the others keep their "
+              "results)",
+     [_RUN_ID, (("steps",), {"metavar": "STEP", "nargs": "+", "help": "a step to run again"}),
+      (("--downstream",), {"action": "store_true",
+                           "help": "and every step after them"}),
+      *_WAIT]),
+    ("rerun", "run a run's workflow again, as a new run (same directory, environment and "
+              "variables; KEY=VALUE over them); print its run id",
+     [_RUN_ID, (("vars",), {"metavar": "KEY=VALUE", "nargs": "*",
+                            "help": "a variable of every step, over the run's own"}),
+      *_WAIT]),
     ("resume-all", "resume every unfinished run the daemon is not running", []),
     ("logs", "print a step attempt's output",
      [_RUN_ID, (("step",), {"metavar": "STEP"}),
@@ -424,10 +438,17 @@ def cmd_run(args: argparse.Namespace) -> int:
         say(f"wfctl: run {run_id} has key {args.key!r} already; not submitted again")
     out(run_id)
     sys.stdout.flush()  # a script reading the id must get it now, not at exit
+    return _wait_if_asked(args, conn, run_id)
+
+
+def _wait_if_asked(args: argparse.Namespace, conn: Connection, run_id: str,
+                   after_seq: int = 0) -> int:
+    """`--wait` / `--follow`: watch the run to its end (from `after_seq`); exit as the run
+    ended. Without them, 0 at once."""
     if not (args.wait or args.follow):
         return EXIT_OK
     try:
-        status = watch(conn, run_id, args.follow)
+        status = watch(conn, run_id, args.follow, after_seq)
     except KeyboardInterrupt:
         say(f"wfctl: detached; run {run_id} goes on")
         return EXIT_INTERRUPTED
@@ -485,13 +506,14 @@ def _as_text(value: str) -> str:
     return os.fsencode(value).decode(errors="replace")
 
 
-def watch(conn: Connection, run_id: str, follow: bool) -> RunStatus:
-    """Watch the run to its end, printing transitions if `follow`; on a lost connection
-    reconnect (the daemon may be restarting) and go on after the last seq seen."""
+def watch(conn: Connection, run_id: str, follow: bool, after_seq: int = 0) -> RunStatus:
+    """Watch the run to its end from after `after_seq`, printing transitions if `follow`;
+    on a lost connection reconnect (the daemon may be restarting) and go on after the
+    last seq seen."""
     from wfctl.conn import Lost, expect, reconnect
     from wfd import protocol
 
-    last = 0
+    last = after_seq
     while True:
         try:
             conn.send(protocol.Watch(run_id=run_id, after_seq=last))
@@ -627,8 +649,32 @@ def _line_object(line: str) -> object:
 def cmd_resume(args: argparse.Namespace) -> int:
     from wfd import protocol
 
-    request = protocol.Resume(run_id=args.run_id)
-    return _report_resumed(_connect(args).call(request, protocol.Resumed).run_ids)
+    conn = _connect(args)
+    reply = conn.call(protocol.Resume(run_id=args.run_id), protocol.Resumed)
+    _report_resumed(reply.run_ids)  # type: ignore[attr-defined]
+    [run_id] = reply.run_ids  # type: ignore[attr-defined]
+    return _wait_if_asked(args, conn, run_id, reply.after_seq.get(run_id, 0))  # type: ignore[attr-defined]
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    conn = _connect(args)
+    request = protocol.Retry(run_id=args.run_id, steps=args.steps, downstream=args.downstream)
+    reply = conn.call(request, protocol.Retried)
+    say(f"run {reply.run_id} retrying {', '.join(reply.steps)}")  # type: ignore[attr-defined]
+    return _wait_if_asked(args, conn, reply.run_id, reply.after_seq)  # type: ignore[attr-defined]
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    from wfd import protocol
+
+    conn = _connect(args)
+    request = protocol.Rerun(run_id=args.run_id, vars=parse_vars(args.vars))
+    run_id = conn.call(request, protocol.Submitted).run_id  # type: ignore[attr-defined]
+    out(run_id)
+    sys.stdout.flush()  # a script reading the id must get it now, not at exit
+    return _wait_if_asked(args, conn, run_id)
 
 
 def cmd_resume_all(args: argparse.Namespace) -> int:
@@ -781,7 +827,8 @@ def cmd_web(args: argparse.Namespace) -> int:
 HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "validate": cmd_validate, "run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
     "replay": cmd_replay, "resume": cmd_resume, "resume-all": cmd_resume_all,
-    "logs": cmd_logs, "prune": cmd_prune, "shutdown": cmd_shutdown, "pool": cmd_pool,
+    "logs": cmd_logs, "retry": cmd_retry, "rerun": cmd_rerun, "prune": cmd_prune,
+    "shutdown": cmd_shutdown, "pool": cmd_pool,
     "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
 }
 

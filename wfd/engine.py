@@ -846,6 +846,39 @@ class Engine:
             key = AttemptKey(run_id, step_id, run.steps[step_id].attempts)  # type: ignore[union-attr]
             self.executor.kill(key, "cancel", force=True)
 
+    async def rerun(self, run_id: str, uid: int, gid: int, variables: dict[str, str]) -> str:
+        """A new run of the run's stored workflow, submitted as `uid` with the stored
+        context and variables (`variables` over them); the new run's id."""
+        run = await self._known(run_id)
+        ctx = self.ctx.get(run_id)
+        if ctx is None:
+            raise UsageError(f"run {run_id} cannot be run again: its workflow.json is "
+                             f"unreadable ({run.error or 'CORRUPT'})")
+        sub = ctx.sub
+        return await self.submit(sub.workflow, sub.source, sub.base_dir, sub.env, sub.umask,
+                                 uid, gid, {**run.vars, **variables})
+
+    async def retry(self, run_id: str, steps: list[str], downstream: bool) -> list[str]:
+        """Run `steps` of a finished run again (with `downstream`, every step after them
+        too): one StepsRetried event, through the fold; returns the steps to run, once
+        the run is durably RUNNING again."""
+        run = await self._known(run_id)
+        if run_id in self.sched or run_id in self._adopting:
+            raise UsageError(f"run {run_id} is running; retry its steps once it has ended")
+        unknown = [step for step in steps if step not in run.steps]
+        if unknown:
+            raise UsageError(f"run {run_id} has no step {unknown[0]!r} (its steps: "
+                             f"{', '.join(run.steps)})")
+        chosen = st.downstream(run, steps) if downstream else list(dict.fromkeys(steps))
+        problem = st.retry_problem(run, chosen)
+        if problem is not None:
+            raise UsageError(problem)
+        self._record(run_id, ev.StepsRetried, {"steps": chosen})
+        self.sched.drive(run_id)
+        self.kick()
+        await self.flushed()
+        return chosen
+
     async def resume(self, run_id: str) -> None:
         """Continue a FAILED or CANCELLED run, or pick up an unfinished one not driven;
         returns once it is durably RUNNING again."""

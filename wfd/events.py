@@ -182,6 +182,14 @@ class RunResumed(Event, tag=True, kw_only=True):
     go back to PENDING with a fresh retry budget; attempt numbers go on."""
 
 
+class StepsRetried(Event, tag=True, kw_only=True):
+    """A finished run -> RUNNING (`wfctl retry`): `steps` (those named, and with
+    --downstream every step after them) go back to PENDING with a fresh retry budget,
+    whatever they ended as; the others keep their results. Attempt numbers go on."""
+
+    steps: list[str]
+
+
 AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
     RunCreated,
     StepReady,
@@ -199,6 +207,7 @@ AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
     RunResumed,
     AttemptSubmitting,
     AttemptSubmitted,
+    StepsRetried,
 ]
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]

@@ -145,6 +145,24 @@ class Logs(Message):
     offset: NonNegative = 0
 
 
+class Rerun(Message):
+    """A new run of `run_id`'s stored workflow, with its submission's context (directory,
+    environment, umask) and variables, `vars` over them; answered by `Submitted`."""
+
+    run_id: str
+    vars: dict[str, str] = {}
+
+
+class Retry(Message):
+    """Run `steps` of the finished run `run_id` again, in that run (with `downstream`,
+    every step after them too); the others keep their results. Answered by `Retried`
+    once the run is durably RUNNING again."""
+
+    run_id: str
+    steps: list[str]
+    downstream: bool = False
+
+
 class Prune(Message):
     """Remove finished runs the peer may remove (its own; root's: anyone's): those in one
     of `states` (default SUCCEEDED, FAILED, CANCELLED) of workflow `name`, except the
@@ -178,8 +196,8 @@ class PoolSet(Message):
 
 
 Request = Union[  # noqa: UP007
-    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Prune, Shutdown,
-    PoolList, PoolSet,
+    Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Rerun, Retry,
+    Prune, Shutdown, PoolList, PoolSet,
 ]
 
 # ---- replies --------------------------------------------------------------
@@ -256,9 +274,20 @@ class Replayed(Message):
 
 
 class Resumed(Message):
-    """The runs are durably RUNNING again."""
+    """The runs are durably RUNNING again; `after_seq`: per run, the last seq before the
+    resume (a `Watch` from there shows what the resume did)."""
 
     run_ids: list[str]
+    after_seq: dict[str, int] = {}
+
+
+class Retried(Message):
+    """The run is durably RUNNING again with `steps` (those named and, with `downstream`,
+    those after them) to run; `after_seq` as in `Resumed`."""
+
+    run_id: str
+    steps: list[str]
+    after_seq: int = 0
 
 
 class Pruned(Message):
@@ -345,8 +374,8 @@ class Pools(Message):
 
 Reply = Union[  # noqa: UP007
     Error, Ok, HelloReply, Submitted, RunInfo, RunList, Cancelled, Replayed, Resumed,
-    Pruned, Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart, Fragment,
-    Pools,
+    Retried, Pruned, Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart,
+    Fragment, Pools,
 ]
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

@@ -99,8 +99,8 @@ class Server:
             p.Hello: self.hello, p.Submit: self.submit, p.Status: self.status,
             p.Cancel: self.cancel, p.Replay: self.replay, p.Resume: self.resume,
             p.ResumeAll: self.resume_all, p.Watch: self.watch, p.Logs: self.logs,
-            p.Prune: self.prune, p.Shutdown: self.shutdown, p.PoolList: self.pool_list,
-            p.PoolSet: self.pool_set,
+            p.Rerun: self.rerun, p.Retry: self.retry, p.Prune: self.prune,
+            p.Shutdown: self.shutdown, p.PoolList: self.pool_list, p.PoolSet: self.pool_set,
         }
 
     @staticmethod
@@ -319,10 +319,25 @@ class Server:
         end, folded = replay.result()
         await send.send_parts(_with_steps(end, end.status, folded))
 
+    async def rerun(self, peer: Peer, req: p.Rerun, send: Channel) -> None:
+        problems = vars_problems(req.vars)
+        if problems:
+            raise UsageError("bad request: " + "; ".join(problems[:5]))
+        run = await self.run_for(peer, req.run_id)
+        run_id = await self.engine.rerun(run.run_id, peer.uid, peer.gid, req.vars)
+        await send(p.Submitted(run_id))
+
+    async def retry(self, peer: Peer, req: p.Retry, send: Channel) -> None:
+        run = await self.run_for(peer, req.run_id)
+        after = run.last_seq
+        steps = await self.engine.retry(run.run_id, req.steps, req.downstream)
+        await send(p.Retried(run.run_id, steps, after))
+
     async def resume(self, peer: Peer, req: p.Resume, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
+        after = run.last_seq
         await self.engine.resume(run.run_id)
-        await send(p.Resumed([run.run_id]))
+        await send(p.Resumed([run.run_id], {run.run_id: after}))
 
     async def resume_all(self, peer: Peer, req: p.ResumeAll, send: Channel) -> None:
         run_ids = await self.engine.resume_all(lambda run: self.visible(peer, run))

@@ -6,8 +6,9 @@ Every step moves through one table, `TRANSITIONS`: for a (step state, event
 type) pair it names the next state, and nothing else decides a step's state.
 A pair missing from the table is an illegal transition: `apply` raises
 `IllegalTransition` naming event, state and step *before* it changes anything,
-so a state that saw a bad event is still the state before it. `RunResumed` is
-the one run-wide step event; its per-step mapping is `RESUME`.
+so a state that saw a bad event is still the state before it. `RunResumed` and
+`StepsRetried` are the run-wide step events; their per-step mappings are `RESUME`
+and `RETRY`.
 
 Next to the states, a run keeps small indexes that are equally a function of
 the events (which steps are READY and in what order, which are RUNNING, which
@@ -96,6 +97,17 @@ TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
 # RunResumed: what each step state becomes; a state missing here refuses the resume.
 RESUME: dict[str, str] = {
     SUCCEEDED: SUCCEEDED,
+    FAILED: PENDING,
+    SKIPPED: PENDING,
+    CANCELLED: PENDING,
+}
+
+
+# StepsRetried: what each step it names becomes; a state missing here refuses the retry.
+# (SPEC's "a SUCCEEDED step is never rerun" is about recovery and resume: a retry reruns
+# a SUCCEEDED step because the user named it, or one upstream of it with --downstream.)
+RETRY: dict[str, str] = {
+    SUCCEEDED: PENDING,
     FAILED: PENDING,
     SKIPPED: PENDING,
     CANCELLED: PENDING,
@@ -611,6 +623,73 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
     _judge_roots(run)
 
 
+def retry_problem(run: RunState, steps: Iterable[str]) -> str | None:
+    """Why `steps` cannot run again in `run` now, or None: the run must be finished (not
+    CORRUPT), each step known and in a RETRY state, and each dependency of a step SUCCEEDED
+    or among `steps` (a step after a FAILED or CANCELLED one that stays so could never
+    start)."""
+    if run.state not in RUN_TERMINAL:
+        return f"run {run.run_id} is {run.state}; only a finished run's steps can be retried"
+    chosen = set(steps)
+    if not chosen:
+        return "no step named"
+    wf = run.workflow
+    for step_id in sorted(chosen):
+        rec = run.steps.get(step_id)
+        if rec is None:
+            return f"run {run.run_id} has no step {step_id!r}"
+        if rec.state not in RETRY:
+            return f"step {step_id!r} is {rec.state}"
+        for d in wf.deps[rec.index]:
+            dep = run.steps[wf.steps[d].id]
+            if dep.id not in chosen and dep.state != SUCCEEDED:
+                return (f"step {step_id!r} depends on {dep.id!r}, which is {dep.state}: "
+                        f"retry {dep.id!r} too (or resume the run)")
+    return None
+
+
+def downstream(run: RunState, steps: Iterable[str]) -> list[str]:
+    """`steps` and every step after them, in file order."""
+    wf = run.workflow
+    stack = [run.steps[s].index for s in steps if s in run.steps]
+    seen: set[int] = set()
+    while stack:
+        i = stack.pop()
+        if i not in seen:
+            seen.add(i)
+            stack.extend(wf.dependents[i])
+    return [wf.steps[i].id for i in sorted(seen)]
+
+
+def _steps_retried(run: RunState, event: ev.StepsRetried) -> None:
+    problem = retry_problem(run, event.steps)
+    if problem is not None:
+        raise _illegal(run, event, problem)
+    wf = run.workflow
+    chosen = [run.steps[s] for s in dict.fromkeys(event.steps)]
+    for rec in chosen:
+        _move(run, rec, RETRY[rec.state])
+        _forget_outputs(run, rec, event.seq)
+        rec.failures = 0
+        rec.exit_code = rec.error = None
+        rec.started_at = rec.finished_at = None
+    # Each dependency of a retried step is SUCCEEDED or retried (retry_problem), so it
+    # waits only for the retried ones; the steps left as they were are terminal, and a
+    # resume or retry counts theirs afresh.
+    retried = {rec.index for rec in chosen}
+    for rec in chosen:
+        rec.waiting = rec.open = sum(d in retried for d in wf.deps[rec.index])
+        rec.failing = 0
+        rec.origin = None
+        rec.settled = False
+    run.state = RUNNING
+    run.cancelling = False
+    run.finished_at = None
+    run.running_since = event.ts
+    run.resumed = True
+    _judge_roots(run)
+
+
 def _forget_outputs(run: RunState, rec: StepRec, seq: int) -> None:
     """A step that runs again has no outputs until it succeeds again."""
     if rec.outputs:
@@ -624,6 +703,7 @@ _RUN_EFFECTS: dict[type[ev.Event], Callable] = {
     ev.RunCancelRequested: _run_cancel,
     ev.RunFinished: _run_finished,
     ev.RunResumed: _run_resumed,
+    ev.StepsRetried: _steps_retried,
 }
 
 
@@ -762,4 +842,5 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
     ev.StepCancelled: lambda e: f"{e.step}: CANCELLED",
     ev.RunFinished: lambda e: f"run: {e.state}",
     ev.RunResumed: lambda e: "run: RUNNING (resumed)",
+    ev.StepsRetried: lambda e: f"run: RUNNING (retrying {', '.join(e.steps)})",
 }
