@@ -50,6 +50,10 @@ SAMPLES: list[ev.Event] = [
     ev.StepCancelled(seq=12, ts=TS, step="clean", attempt=1, exit_code=-15),
     ev.RunFinished(seq=13, ts=TS, state="CANCELLED"),
     ev.RunResumed(seq=14, ts=TS),
+    ev.AttemptSubmitting(seq=15, ts=TS, step="clean", attempt=2, executor="slurm",
+                         token="3f2c0a"),
+    ev.AttemptSubmitted(seq=16, ts=TS, step="clean", attempt=2, job_id="4711"),
+    ev.StepsRetried(seq=17, ts=TS, steps=["load", "report"]),
 ]
 N = len(SAMPLES)
 
