@@ -80,6 +80,16 @@ async def supervise(spec: JobSpec) -> object:
 
     executor = LocalExecutor(on_end)
     executor.install(loop)
+    terminated: list[bool] = []
+
+    def terminate() -> None:
+        # "terminated": the daemon asked (it knows why: cancel, timeout, stop) or Slurm did
+        terminated.append(True)
+        executor.kill(key, "terminated")
+
+    # Before the step starts: a SIGTERM from then on is never lost.
+    loop.add_signal_handler(signal.SIGTERM, terminate)
+    loop.add_signal_handler(signal.SIGINT, terminate)
     started_at = time.time()
     outfile = None
     try:
@@ -99,9 +109,8 @@ async def supervise(spec: JobSpec) -> object:
             on_end(key, None, None, start_error=str(exc))
         finally:
             os.close(log_fd)
-    # "terminated": the daemon asked (it knows why: cancel, timeout, stop) or Slurm did.
-    loop.add_signal_handler(signal.SIGTERM, executor.kill, key, "terminated")
-    loop.add_signal_handler(signal.SIGINT, executor.kill, key, "terminated")
+    if terminated:
+        executor.kill(key, "terminated")
     if spec.timeout is not None:
         loop.call_later(spec.timeout, executor.kill, key, "timeout")
     exit_code, kill_reason, start_error, usage = await ended
