@@ -242,3 +242,28 @@ def test_controller_down_means_waiting(daemon: Callable[..., Daemon], wfd_tmp: P
     status = wait_for_state(d, run_id, "SUCCEEDED", "FAILED", timeout=120)
     assert status["state"] == "SUCCEEDED", status
     assert status["error"] is None
+
+
+@pytest.mark.timeout(120)
+def test_logs_follow_a_slurm_step(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    """`wfctl logs --follow` streams a Slurm step's output as the job writes it, and ends
+    with the step."""
+    go = wfd_tmp / "go"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm",
+         "command": f"echo first; while [ ! -e {go} ]; do sleep 0.1; done; echo second"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    follower = d.popen("logs", run_id, "s", "--follow", stdout=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout is not None
+        assert follower.stdout.readline() == "first\n"  # while the job still runs
+        assert run_json(d, run_id)["steps"]["s"]["state"] == "RUNNING"
+        go.touch()
+        rest, _ = follower.communicate(timeout=60)
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait()
+    assert rest == "second\n" and follower.returncode == 0
+    assert wait_for_state(d, run_id, "SUCCEEDED")["steps"]["s"]["job_id"]
