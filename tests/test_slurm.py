@@ -267,3 +267,56 @@ def test_logs_follow_a_slurm_step(daemon: Callable[..., Daemon], wfd_tmp: Path) 
             follower.wait()
     assert rest == "second\n" and follower.returncode == 0
     assert wait_for_state(d, run_id, "SUCCEEDED")["steps"]["s"]["job_id"]
+
+
+@pytest.mark.timeout(180)
+def test_a_job_gone_without_its_record_is_lost(daemon: Callable[..., Daemon],
+                                               wfd_tmp: Path) -> None:
+    """A job killed outright (its supervisor with it: no exit record) is lost and follows
+    on_lost: "rerun" runs it again; "fail" fails the step, saying why."""
+    wf = write_workflow(wfd_tmp, {"defaults": {"executor": "slurm"}, "steps": [
+        {"id": "again", "command": '[ "$WFD_ATTEMPT" = 2 ] || sleep 300'},
+        {"id": "fails", "command": "sleep 300", "on_lost": "fail"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    for step in ("again", "fails"):
+        job_id = job_running(d, run_id, step)
+        subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True, timeout=30)
+    status = wait_for_state(d, run_id, "FAILED", timeout=90)
+    again, fails = status["steps"]["again"], status["steps"]["fails"]
+    assert (again["state"], again["attempts"]) == ("SUCCEEDED", 2), again
+    assert fails["state"] == "FAILED"
+    assert fails["error"].startswith(f"attempt lost: Slurm job {fails['job_id']} ended "), fails
+    assert fails["error"].endswith("without an exit record (is the state dir shared with the "
+                                   "nodes?)")
+    events = replay_events(d, run_id)
+    assert ends_of(events, "again", 1) == ["AttemptInterrupted"]
+    assert not active_jobs(job_names(events))
+
+
+@pytest.mark.timeout(180)
+def test_shutdown_stop_steps_ends_the_jobs(daemon: Callable[..., Daemon],
+                                           wfd_tmp: Path) -> None:
+    """`wfctl shutdown --stop-steps` ends Slurm jobs as it ends local steps (interrupted);
+    a plain stop leaves them to the next daemon."""
+    go = wfd_tmp / "go"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm",
+         "command": f"while [ ! -e {go} ]; do sleep 0.1; done"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    job_running(d, run_id, "s")
+    d.stop(keep_steps=True)  # SIGTERM: the job goes on
+    assert active_jobs(job_names(replay_events_offline(d, run_id)))
+    d.start()
+    job_running(d, run_id, "s")
+    d.stop()  # shutdown --stop-steps
+    events = replay_events_offline(d, run_id)
+    assert ends_of(events, "s", 1) == ["AttemptInterrupted"]
+    assert not active_jobs(job_names(events))
+
+
+def replay_events_offline(d: Daemon, run_id: str) -> list[dict]:
+    """The run's events from its log file, with no daemon to ask."""
+    text = (d.state_dir / "runs" / run_id / "events.jsonl").read_text()
+    return [json.loads(line) for line in text.splitlines()]
