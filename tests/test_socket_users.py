@@ -457,20 +457,30 @@ def test_system_daemon_membership_comes_from_the_group_database(
 def test_system_daemon_prunes_only_the_askers_runs(
         daemon: Callable[..., Daemon], sandbox: Any, foreign_python: Runtime,
         accounts: Accounts) -> None:
-    """`wfctl prune` (issue 14) never removes another user's runs, except root's prune."""
+    """`wfctl prune` (issue 14) never removes another user's runs, except root's prune;
+    a short reference never resolves to (or lists) another user's run."""
     from bigruns import finished_run, run_id
 
     os.chmod(sandbox.root, 0o711)
     d = daemon(extra=["--system", "--socket-group", accounts.group],
                socket=sandbox.root / "run" / "wfd.sock", start=False)
-    owners = [(pwd.getpwnam(NOBODY).pw_uid, NOBODY),
-              (pwd.getpwnam(accounts.member).pw_uid, accounts.member)]
+    owners = [(pwd.getpwnam(accounts.member).pw_uid, accounts.member),
+              (pwd.getpwnam(NOBODY).pw_uid, NOBODY)]  # nobody's run is the newest
     made = {name: [] for _, name in owners}
     for i in range(6):
         uid, name = owners[i % 2]
         made[name].append(finished_run(d.state_dir, run_id(i), "SUCCEEDED", uid=uid,
                                        owner=name).name)
     d.start()
+    # short references see only the asker's runs (issue 14)
+    done = client(foreign_python, d, accounts.member, "status", "@last", "--json")
+    assert json.loads(done.stdout)["run_id"] == made[accounts.member][-1]
+    assert made[accounts.member][-1] == run_id(4)
+    assert json.loads(d.wfctl("status", "@last", "--json").stdout)["run_id"] == run_id(5)
+    done = client(foreign_python, d, accounts.member, "status", run_id(0)[:6])
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[1:] == [f"  {r}  small" for r in
+                                            reversed(made[accounts.member])]
     done = client(foreign_python, d, accounts.member, "prune", "--keep", "0", "--dry-run")
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines() == made[accounts.member]
@@ -479,6 +489,6 @@ def test_system_daemon_prunes_only_the_askers_runs(
     left = sorted(r["run_id"] for r in json.loads(d.wfctl("status", "--json").stdout))
     assert left == sorted(made[NOBODY] + made[accounts.member][2:])
     done = d.wfctl("prune", "--keep", "1")  # root: everyone's runs, the newest one kept
-    assert done.stdout.splitlines() == made[NOBODY]
+    assert done.stdout.splitlines() == sorted(made[NOBODY][:-1] + made[accounts.member][2:])
     assert [r["run_id"] for r in json.loads(d.wfctl("status", "--json").stdout)] == \
-        made[accounts.member][2:]
+        made[NOBODY][-1:]
