@@ -286,7 +286,7 @@ def test_validate_refuses_a_file_over_the_frame_limit(wfctl: Callable, wfd_tmp: 
 
 @pytest.mark.parametrize("argv", [
     [], ["bogus"], ["status", "--bogus"], ["--bogus", "status"], ["cancel"],
-    ["logs", RUN_ID], ["logs", RUN_ID, "s", "--attempt", "x"],
+    ["logs", RUN_ID, "--attempt", "1"], ["logs", RUN_ID, "s", "--attempt", "x"],
     ["logs", RUN_ID, "s", "--attempt", "0"], ["validate", "a.json", "b.json"],
     ["status", "--socket"], ["run", "--fol", "x.json"],
 ])
@@ -552,9 +552,20 @@ def watched(final: RunStatus, events: list[ev.Event] | None = None) -> Callable:
         if isinstance(request, p.Watch):
             fresh = [e for e in (events or events_of()) if e.seq > request.after_seq]
             return [p.Progress(fresh[:2]), p.Progress(fresh[2:]), p.RunEnded(final)]
-        return []
+        return logs_answer(request)
 
     return script
+
+
+def logs_answer(request: Any) -> list[Any]:
+    """What the daemon answers a failed step's tail (`Logs` with `tail`): its last lines."""
+    if isinstance(request, p.Logs):
+        return [p.LogData(3, b"last words\n"), p.LogEnd(3, "FAILED")]
+    return []
+
+
+def status_and_logs(status: RunStatus) -> Callable:
+    return lambda request: logs_answer(request) or [p.RunInfo(status)]
 
 
 @pytest.mark.parametrize(("state", "code"), [
@@ -604,7 +615,7 @@ def test_run_wait_rides_out_a_daemon_restart(wfctl: Callable, wfd_tmp: Path,
                 return [p.Progress(events[:2]), CLOSE]
             fresh = [e for e in events if e.seq > request.after_seq]
             return [p.Progress(fresh), p.RunEnded(status_of("SUCCEEDED"))]
-        return []
+        return logs_answer(request)
 
     server = fake(script)
     path = write_workflow(wfd_tmp, GOOD)
@@ -648,7 +659,7 @@ def test_ctrl_c_while_waiting_detaches(sandbox: Any, wfd_tmp: Path, fake: Callab
 
 def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Callable) -> None:
     status = status_of("FAILED")
-    server = fake(lambda request: [p.RunInfo(status)])
+    server = fake(status_and_logs(status))
     done = wfctl("status", RUN_ID, "--json", "--socket", str(server.path))
     assert done.returncode == 0, done.stderr
     expected = msgspec.json.format(msgspec.json.encode(status), indent=2) + b"\n"
@@ -681,7 +692,7 @@ def test_status_list_json(wfctl: Callable, fake: Callable) -> None:
 
 
 def test_status_table(wfctl: Callable, fake: Callable) -> None:
-    server = fake(lambda request: [p.RunInfo(status_of("FAILED"))])
+    server = fake(status_and_logs(status_of("FAILED")))
     done = wfctl("status", RUN_ID, "--socket", str(server.path), env={"TZ": "UTC"})
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
@@ -697,7 +708,7 @@ def test_status_table(wfctl: Callable, fake: Callable) -> None:
 
 def test_status_of_a_corrupt_run_shows_its_error(wfctl: Callable, fake: Callable) -> None:
     status = status_of("CORRUPT", "events.jsonl line 7 is damaged")
-    server = fake(lambda request: [p.RunInfo(status)])
+    server = fake(status_and_logs(status))
     done = wfctl("status", RUN_ID, "--socket", str(server.path))
     assert done.returncode == 0, done.stderr
     assert "CORRUPT" in done.stdout

@@ -224,6 +224,10 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 _JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
+TAIL_LINES = 10
+_TAIL = (("--tail",), {"metavar": "N", "type": _count_or_zero, "default": TAIL_LINES,
+                       "help": f"show the last N lines of each failed step's log under the "
+                               f"run's table (default {TAIL_LINES}; 0: none)"})
 _RUN_ID = (("run_id",), {"metavar": "RUN_ID",
                          "help": "a run id or a reference: 5c9b, @last, NAME@last, NAME@-2"})
 _WAIT = [(("--wait",), {"action": "store_true", "help": "wait until the run ends"}),
@@ -241,7 +245,8 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                        "help": "wait, and show each transition on stderr"}),
       (("--key",), {"metavar": "K",
                     "help": "submit once: if a run of yours has this key, print its id "
-                            "instead (a script may retry safely)"})]),
+                            "instead (a script may retry safely)"}),
+      _TAIL]),
     ("status", "show one run, or your runs (oldest first, the newest at the bottom)",
      [(("run_id",), {"metavar": "RUN", "nargs": "?",
                      "help": "a run id or reference (5c9b, @last, NAME@last, NAME@-2)"}),
@@ -254,7 +259,8 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                               "time (2026-11-25, 2026-11-25T14:00)"}),
       (("--limit",), {"metavar": "N", "type": _count,
                       "help": "only the newest N (default: 20 in the table, all in JSON)"}),
-      (("--all",), {"action": "store_true", "help": "every run, not the newest 20"})]),
+      (("--all",), {"action": "store_true", "help": "every run, not the newest 20"}),
+      _TAIL]),
     ("cancel", "cancel a run", [_RUN_ID]),
     ("replay", "re-fold a run's event log and check it", [_RUN_ID, _JSON]),
     ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID, *_WAIT]),
@@ -270,8 +276,11 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                             "help": "a variable of every step, over the run's own"}),
       *_WAIT]),
     ("resume-all", "resume every unfinished run the daemon is not running", []),
-    ("logs", "print a step attempt's output",
-     [_RUN_ID, (("step",), {"metavar": "STEP"}),
+    ("logs", "print a step attempt's output, or without STEP every step's, line by line "
+             "prefixed with its step",
+     [_RUN_ID, (("step",), {"metavar": "STEP", "nargs": "?",
+                            "help": "this step (default: every step, in the order its "
+                                    "attempts started)"}),
       (("--attempt",), {"metavar": "N", "type": _positive,
                         "help": "this attempt (default: the latest)"}),
       (("--follow",), {"action": "store_true", "help": "stream output as it comes"})]),
@@ -452,7 +461,8 @@ def _wait_if_asked(args: argparse.Namespace, conn: Connection, run_id: str,
     except KeyboardInterrupt:
         say(f"wfctl: detached; run {run_id} goes on")
         return EXIT_INTERRUPTED
-    return _ended(status, args.follow)
+    tail = getattr(args, "tail", TAIL_LINES)  # `run` has --tail; the others the default
+    return _ended(status, args.follow, lambda: _connect(args), tail)
 
 
 def parse_vars(words: list[str]) -> dict[str, str]:
@@ -532,11 +542,20 @@ def watch(conn: Connection, run_id: str, follow: bool, after_seq: int = 0) -> Ru
             conn = reconnect(conn.path, RECONNECT_WAIT, conn.trust)
 
 
-def _ended(status: RunStatus, follow: bool) -> int:
+def _ended(status: RunStatus, follow: bool, connect: Callable[[], Connection] | None = None,
+           tail: int = TAIL_LINES) -> int:
+    """The end of a waiting command: the table (--follow), the last lines of each failed
+    step's log (given `connect`: the watch may have reconnected meanwhile), the summary
+    line; all on stderr. The exit code."""
     from wfctl.render import run_lines, summary_line
 
     if follow:
         for line in run_lines(status, None):
+            say(line)
+    if connect is not None and tail:
+        from wfctl.logview import failure_tails
+
+        for line in failure_tails(connect, status, tail):
             say(line)
     say(summary_line(status))
     code = RUN_EXIT.get(status.state)
@@ -565,7 +584,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         if args.json:
             _print_json(status)
         else:
-            out("\n".join(render.run_lines(status, time.time())))
+            from wfctl.logview import failure_tails
+
+            out("\n".join(render.run_lines(status, time.time())
+                          + failure_tails(lambda: conn, status, args.tail)))
         return EXIT_OK
     # The table shows a screenful, the newest at the bottom; JSON (for scripts) every run.
     limit = args.limit or (None if args.json or args.all else TABLE_RUNS)
@@ -695,6 +717,10 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from wfctl.conn import expect
     from wfd import protocol
 
+    if args.step is None:
+        if args.attempt is not None:
+            raise UsageError("error: --attempt needs a STEP (see wfctl logs --help)")
+        return _all_logs(args)
     request = protocol.Logs(run_id=args.run_id, step=args.step,
                             attempt=args.attempt, follow=args.follow)
     conn = _connect(args)
@@ -702,6 +728,8 @@ def cmd_logs(args: argparse.Namespace) -> int:
     sink = sys.stdout.buffer
     for reply in conn.stream(request):
         if isinstance(reply, protocol.LogEnd):
+            if reply.attempt is None:  # nothing to show, and why
+                say(f"step {args.step} never started (it is {reply.step_state})")
             break
         chunk = expect(reply, protocol.LogData, conn.path)
         if shown is not None and chunk.attempt != shown:  # type: ignore[attr-defined]
@@ -710,6 +738,22 @@ def cmd_logs(args: argparse.Namespace) -> int:
         shown = chunk.attempt  # type: ignore[attr-defined]
         sink.write(chunk.data)  # type: ignore[attr-defined]
         sink.flush()
+    return EXIT_OK
+
+
+def _all_logs(args: argparse.Namespace) -> int:
+    from wfctl.logview import all_logs
+
+    def write(data: bytes) -> None:
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+
+    try:
+        status = all_logs(_connect(args), args.run_id, args.follow, write)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    if not any(step.attempts for step in status.steps.values()):
+        say(f"run {status.run_id}: no step has started yet")
     return EXIT_OK
 
 

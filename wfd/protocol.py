@@ -41,6 +41,7 @@ from wfd.state import RunStatus, RunSummary, StepStatus
 PROTOCOL = 3
 MAX_FRAME = 16 * 1024 * 1024
 HEADER = struct.Struct(">I")
+TAIL_WINDOW = 64 * 1024  # how far back `Logs.tail` looks for the start of its lines
 PART_SIZE = 256 * 1024  # bytes of items the daemon puts in one part (at least one item)
 FRAGMENT_SIZE = 1024 * 1024  # a message encoding to more goes as Fragments of this size
 
@@ -136,13 +137,16 @@ class Logs(Message):
 
     `attempt` None means the latest; with `follow` the stream waits for more
     output until the attempt ends, and without `attempt` goes on to the step's
-    next attempts until the step is terminal."""
+    next attempts until the step is terminal. `tail` N > 0: start at the last N
+    lines of that first attempt's log instead of at `offset` (looked for in its
+    last `TAIL_WINDOW` bytes), as `tail -n N` does."""
 
     run_id: str
     step: str
     attempt: Positive | None = None
     follow: bool = False
     offset: NonNegative = 0
+    tail: NonNegative = 0
 
 
 class Rerun(Message):

@@ -379,13 +379,17 @@ class Server:
     async def logs(self, peer: Peer, req: p.Logs, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
         if not STEP_ID_RE.fullmatch(req.step) or req.step not in run.steps:
-            raise Refused(f"run {run.run_id} has no step {_shown(req.step)}")
+            raise Refused(f"run {run.run_id} has no step {_shown(req.step)}"
+                          f"{_near_step(req.step, run)}")
         rec = run.steps[req.step]
         if req.attempt is not None and not 1 <= req.attempt <= rec.attempts:
             raise Refused(f"step {req.step} has no attempt {req.attempt} "
                           f"(it has {rec.attempts})")
         attempt = req.attempt if req.attempt is not None else rec.attempts
         offset = req.offset
+        if req.tail and attempt >= 1:
+            path = self.engine.log_path(run.run_id, req.step, attempt)
+            offset = await asyncio.to_thread(_tail_offset, path, req.tail)
         while True:
             if attempt >= 1:
                 offset = await self._send_log(run.run_id, req.step, attempt, offset, send)
@@ -522,6 +526,49 @@ def vars_problems(variables: dict[str, str]) -> list[str]:
     problems += [f"vars[{name!r}]: WFD_* variables are set by wfd, not by the caller"
                  for name in variables if name.startswith("WFD_")]
     return problems
+
+
+STEPS_LISTED = 20  # an unknown step's error names at most this many of the run's steps
+
+
+def _near_step(step: str, run: st.RunState) -> str:
+    """`; did you mean 'load'? its steps: extract, transform, load` for an unknown step."""
+    import difflib
+
+    ids = list(run.steps)
+    near = difflib.get_close_matches(step, ids, n=1) if len(ids) <= 10_000 else []
+    text = f"; did you mean {near[0]!r}?" if near else ""
+    listed = ", ".join(ids[:STEPS_LISTED]) + (f", ... ({len(ids)} steps)"
+                                             if len(ids) > STEPS_LISTED else "")
+    return f"{text} its steps: {listed}" if near else f"; its steps: {listed}"
+
+
+def _tail_offset(path, lines: int) -> int:
+    """Where the last `lines` lines of the file begin (a last line without its newline
+    counts), looking back at most TAIL_WINDOW bytes; 0 for a missing file."""
+    try:
+        fd = open_file(path, os.O_RDONLY)  # no symlink followed, also above the file
+    except OSError:
+        return 0
+    try:
+        size = os.fstat(fd).st_size
+        start = max(0, size - p.TAIL_WINDOW)
+        window = os.pread(fd, size - start, start)
+    finally:
+        os.close(fd)
+    return start + tail_start(window, lines, whole=start == 0)
+
+
+def tail_start(data: bytes, lines: int, whole: bool) -> int:
+    """The index in `data` where its last `lines` lines begin. `whole`: `data` is the
+    entire file; else its first, maybe partial, line is never shown."""
+    end = len(data) - 1 if data.endswith(b"\n") else len(data)
+    for _ in range(lines):
+        cut = data.rfind(b"\n", 0, end)
+        if cut < 0:
+            return 0 if whole else min(len(data), data.find(b"\n") + 1)
+        end = cut
+    return end + 1
 
 
 def _read_chunk(path, offset: int) -> bytes:
