@@ -30,6 +30,7 @@ import random
 import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from wfd import events as ev
@@ -102,12 +103,30 @@ def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey,
     return env
 
 
+def _rule_of(wf: Workflow) -> Concurrency | None:
+    if wf.concurrency is None:
+        return None
+    return Concurrency(wf.concurrency, None, wf.on_busy == "skip")
+
+
 def step_argv(command: str | tuple[str, ...]) -> list[str]:
     return ["/bin/sh", "-c", command] if isinstance(command, str) else list(command)
 
 
 def step_cwd(sub: Submission, cwd: str | None) -> str:
     return os.path.join(sub.base_dir, cwd) if cwd else sub.base_dir
+
+
+@dataclass(frozen=True)
+class Concurrency:
+    """One at a time: at most `limit` unfinished runs of one owner under `key` (None: the
+    workflow's name); a further submit is QUEUED until one ends, or with `skip` refused.
+    A workflow's `concurrency`/`on_busy` make one; a caller of `Engine.submit` may pass
+    its own (a schedule's `--overlap queue`: e.g. Concurrency(1, "schedule:NAME"))."""
+
+    limit: int
+    key: str | None = None
+    skip: bool = False
 
 
 class Engine:
@@ -133,6 +152,10 @@ class Engine:
         self.sched = scheduler.Scheduler(self.runs, limit, max_steps_per_user,
                                          self.pools.limits)
         self._pool_lock = asyncio.Lock()  # one write of pools.json at a time
+        # One at a time: the unfinished runs per (owner uid, queue key), and the QUEUED
+        # runs this daemon keeps in line (not those left to `resume` after --no-resume).
+        self._by_key: dict[tuple[int, str], dict[str, None]] = {}
+        self._queued: dict[str, None] = {}
         self.max_runs_per_user = max_runs_per_user
         self._submitting: collections.Counter[int] = collections.Counter()  # per owner uid
         self.committer = Committer(layout, self._durable)
@@ -219,6 +242,7 @@ class Engine:
             return False
         self.stubs.pop(run_id, None)
         self.runs[run_id] = loaded.run
+        self._join(loaded.run)
         if loaded.ctx is not None:
             self.ctx[run_id] = loaded.ctx
             if loaded.run.state != st.CORRUPT:
@@ -450,6 +474,7 @@ class Engine:
 
     def _run_finished(self, run_id: str) -> None:
         self.sched.drop(run_id)
+        self._leave(self.runs[run_id])
         self._upstream.pop(run_id, None)
 
         def done() -> None:
@@ -675,12 +700,12 @@ class Engine:
 
     async def submit(self, workflow_text: str, source: str, base_dir: str, env: dict[str, str],
                      umask: int, uid: int, gid: int, vars: dict[str, str] | None = None,
-                     key: str | None = None) -> str:
+                     key: str | None = None, concurrency: Concurrency | None = None) -> str:
         """`_submit`, idempotent with a `key`: the owner's run with that key (durable, or
         being submitted: then its outcome) answers, and nothing new is made."""
         if key is None:
             return await self._submit(workflow_text, source, base_dir, env, umask, uid, gid,
-                                      vars, None)
+                                      vars, None, concurrency)
         slot = (self._owner(uid), key)
         earlier = self._keys.get(slot)
         if isinstance(earlier, str):
@@ -691,7 +716,7 @@ class Engine:
         self._keys[slot] = pending
         try:
             run_id = await self._submit(workflow_text, source, base_dir, env, umask, uid, gid,
-                                        vars, key)
+                                        vars, key, concurrency)
         except BaseException as exc:
             del self._keys[slot]  # no run was made: the key is free again
             pending.set_exception(exc)
@@ -703,10 +728,12 @@ class Engine:
 
     async def _submit(self, workflow_text: str, source: str, base_dir: str,
                       env: dict[str, str], umask: int, uid: int, gid: int,
-                      vars: dict[str, str] | None, key: str | None) -> str:
+                      vars: dict[str, str] | None, key: str | None,
+                      concurrency: Concurrency | None = None) -> str:
         """Validate a submission (off the loop), make its workflow.json durable, record
         the run's first event (with `vars`, the KEY=VALUE of `wfctl run`); return the run
-        id once that event is durable."""
+        id once that event is durable. Under a concurrency limit (the caller's, else the
+        workflow's) that is reached, the run starts QUEUED, or with skip is refused."""
         self._refuse_new_runs()
         owner_uid = self._owner(uid)
         self._check_run_limit(owner_uid)
@@ -718,6 +745,8 @@ class Engine:
             self._check_executors(wf)
             self._check_pools(wf)
             vars = resolve_vars(wf, vars or {})  # declared params: checked, defaults in
+            rule = concurrency or _rule_of(wf)
+            self._busy(owner_uid, wf, rule)  # skip: refused before anything is made
             self._refuse_new_runs()
             now = self.clock.now()
             sub = Submission(
@@ -729,16 +758,73 @@ class Engine:
             ctx = await asyncio.to_thread(self._create_run, run_id, sub)
         finally:
             self._submitting[owner_uid] -= 1  # from here to `drive` nothing awaits
+        try:  # again: another submit may have taken the last slot meanwhile
+            queued = self._busy(owner_uid, wf, rule)
+        except UsageError:
+            await asyncio.to_thread(self.layout.remove_run, run_id)
+            raise
         self.ctx[run_id] = ctx
-        self.runs[run_id] = st.RunState(wf)
+        run = self.runs[run_id] = st.RunState(wf)
         self.committer.add_run(run_id, 0, 0)
-        self._record(run_id, ev.RunCreated, {"run_id": run_id, "name": wf.name,
-                                             "owner": sub.owner, "owner_uid": sub.uid,
-                                             "vars": dict(vars or {}), "key": key})
-        self.sched.drive(run_id)
+        self._record(run_id, ev.RunCreated, {
+            "run_id": run_id, "name": wf.name, "owner": sub.owner, "owner_uid": sub.uid,
+            "vars": dict(vars or {}), "key": key,
+            "queue": rule.key if rule is not None else None,
+            "concurrency": rule.limit if rule is not None else None, "queued": queued})
+        self._join(run)
+        if queued:
+            self._queued[run_id] = None
+        else:
+            self.sched.drive(run_id)
         self.kick()
         await self.flushed()
         return run_id
+
+    def _busy(self, owner_uid: int, wf: Workflow, rule: Concurrency | None) -> bool:
+        """Whether a new run under `rule` must queue: its owner's unfinished runs of the
+        key (QUEUED ones too: a newcomer waits behind them) reach the limit. With skip,
+        that is a refusal (UsageError, exit 2) instead."""
+        if rule is None:
+            return False
+        key = rule.key if rule.key is not None else wf.name
+        unfinished = self._by_key.get((owner_uid, key), {})
+        if len(unfinished) < rule.limit:
+            return False
+        if rule.skip:
+            ids = ", ".join(list(unfinished)[:3]) + (", ..." if len(unfinished) > 3 else "")
+            raise UsageError(
+                f"{'workflow' if rule.key is None else 'queue'} {key!r} has {len(unfinished)} "
+                f"unfinished run{'s' if len(unfinished) > 1 else ''} of "
+                f"{name_of(owner_uid)} ({ids}), its concurrency is {rule.limit} and on_busy "
+                "is \"skip\": not started")
+        return True
+
+    def _join(self, run: st.RunState) -> None:
+        """An unfinished run counts against its queue key's concurrency."""
+        if not run.finished:
+            self._by_key.setdefault((run.owner_uid, run.queue_key), {})[run.run_id] = None
+
+    def _leave(self, run: st.RunState) -> None:
+        """The run finished: its slot frees, and the oldest QUEUED run of its key may start."""
+        slot = (run.owner_uid, run.queue_key)
+        unfinished = self._by_key.get(slot)
+        if unfinished is None:
+            return
+        unfinished.pop(run.run_id, None)
+        self._queued.pop(run.run_id, None)
+        if not unfinished:
+            del self._by_key[slot]
+        else:
+            self._admit(slot)
+
+    def _admit(self, slot: tuple[int, str]) -> None:
+        """Start the QUEUED runs of `slot` that its concurrency lets start (submit order)."""
+        runs = [self.runs[run_id] for run_id in self._by_key.get(slot, ())]
+        for run_id in scheduler.admissions(runs, self._queued):
+            del self._queued[run_id]
+            self._record(run_id, ev.RunDequeued, {})
+            self.sched.drive(run_id)
+        self.kick()
 
     def _check_executors(self, wf: Workflow) -> None:
         """Slurm steps: a user-mode daemon (a job cannot write into a system daemon's
@@ -874,6 +960,7 @@ class Engine:
         if problem is not None:
             raise UsageError(problem)
         self._record(run_id, ev.StepsRetried, {"steps": chosen})
+        self._join(run)  # counts against its concurrency again; a retry does not queue
         self.sched.drive(run_id)
         self.kick()
         await self.flushed()
@@ -885,6 +972,8 @@ class Engine:
         run = await self._known(run_id)
         if run_id in self.sched or run_id in self._adopting:
             raise UsageError(f"run {run_id} is running already")
+        if run_id in self._queued:
+            raise UsageError(f"run {run_id} is QUEUED: it starts when its turn comes")
         if run.state in (st.SUCCEEDED, st.CORRUPT):
             raise UsageError(f"run {run_id} is {run.state}; only a FAILED, CANCELLED or "
                              "unfinished run can be resumed")
@@ -894,7 +983,8 @@ class Engine:
         """Resume every unfinished run nobody drives that `visible` allows."""
         run_ids = [run_id for run_id, run in self.runs.items()
                    if not run.finished and run_id not in self.sched
-                   and run_id not in self._adopting and visible(run)]
+                   and run_id not in self._adopting and run_id not in self._queued
+                   and visible(run)]
         await self._resume(run_ids)
         return run_ids
 
@@ -903,6 +993,7 @@ class Engine:
         for run_id in run_ids:
             if self.runs[run_id].state in (st.FAILED, st.CANCELLED):
                 self._record(run_id, ev.RunResumed, {})
+                self._join(self.runs[run_id])  # counts again; a resume does not queue
                 self.sched.drive(run_id)
         self.kick()
         await self.flushed()
@@ -942,7 +1033,9 @@ class Engine:
                     token=rec.token, job_id=rec.job_id,
                     log_path=os.fspath(self.layout.log(run_id, step_id, rec.attempts)),
                 ))
-            if hasattr(self.executor, "reattach"):
+            if run.state == st.QUEUED:
+                pass  # none of its steps ever started: nothing is left to deal with
+            elif hasattr(self.executor, "reattach"):
                 await self._reattach(run, stale)
             else:
                 await self.executor.clear_stale(stale)
@@ -951,7 +1044,13 @@ class Engine:
             if run_id in self._cancels and not (run.finished or run.cancelling):
                 # before the run is driven again: no new attempt may start first
                 self._record(run_id, ev.RunCancelRequested, {})
-            if not run.finished:
+            if run.finished:
+                pass
+            elif run.state == st.QUEUED and not run.cancelling:
+                self._queued[run_id] = None  # back in line, in submit order
+                self._admit((run.owner_uid, run.queue_key))
+            else:
+                self._queued.pop(run_id, None)
                 self.sched.drive(run_id)
             self.kick()
         finally:
@@ -1029,7 +1128,8 @@ class Engine:
     def waits_for_resume(self, run: st.RunState) -> bool:
         """Unfinished and nobody drives it (the daemon started with --no-resume)."""
         run_id = run.run_id
-        return not run.finished and run_id not in self.sched and run_id not in self._adopting
+        return (not run.finished and run_id not in self.sched
+                and run_id not in self._adopting and run_id not in self._queued)
 
     def summary(self, summary: st.RunSummary) -> st.RunSummary:
         """A list entry as `status` shows it: the storage error on unfinished runs, and

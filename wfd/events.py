@@ -46,6 +46,12 @@ class RunCreated(Event, tag=True, kw_only=True, omit_defaults=False):
     slot: float | None = None
     # `wfctl run --key K`: a second submit with the same key by the same user gets this run.
     key: str | None = None
+    # One at a time (issue 15): the run was submitted under a limit of `concurrency`
+    # unfinished runs of its owner with the same `queue` (null: the run's name); `queued`:
+    # the limit was reached, so it starts QUEUED and waits for RunDequeued.
+    queue: str | None = None
+    concurrency: int | None = None
+    queued: bool = False
 
 
 class StepReady(Event, tag=True, kw_only=True):
@@ -177,6 +183,11 @@ class RunFinished(Event, tag=True, kw_only=True):
     ran: float | None = None
 
 
+class RunDequeued(Event, tag=True, kw_only=True):
+    """QUEUED -> RUNNING: fewer than its `concurrency` runs of its queue are unfinished,
+    and it is the oldest QUEUED one; its steps may start."""
+
+
 class RunResumed(Event, tag=True, kw_only=True):
     """FAILED or CANCELLED run -> RUNNING: its FAILED, SKIPPED and CANCELLED steps
     go back to PENDING with a fresh retry budget; attempt numbers go on."""
@@ -208,6 +219,7 @@ AnyEvent = Union[  # noqa: UP007 - msgspec wants a Union object here on 3.10
     AttemptSubmitting,
     AttemptSubmitted,
     StepsRetried,
+    RunDequeued,
 ]
 
 EVENT_TYPES: tuple[type[Event], ...] = AnyEvent.__args__  # type: ignore[attr-defined]

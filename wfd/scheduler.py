@@ -69,13 +69,13 @@ import heapq
 import itertools
 import os
 import signal
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from wfd import events as ev
 from wfd.events import format_ts
-from wfd.state import RUNNING, TERMINAL, RunState
+from wfd.state import QUEUED, RUNNING, TERMINAL, RunState
 
 
 @dataclass(frozen=True)
@@ -504,11 +504,35 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
 
 
 def _finished_fields(run: RunState, now: float) -> dict:
-    """RunFinished's fields; a resumed run's running time too (see the event)."""
+    """RunFinished's fields; a resumed or queued run's running time too (see the event:
+    one cancelled while QUEUED never ran)."""
     fields: dict = {"state": run.outcome()}
-    if run.resumed and run.running_since is not None:
-        fields["ran"] = round(run.ran + max(0.0, now - ev.parse_ts(run.running_since)), 6)
+    if run.resumed:
+        since = run.running_since
+        fields["ran"] = round(run.ran + (0.0 if since is None else
+                                         max(0.0, now - ev.parse_ts(since))), 6)
     return fields
+
+
+def admissions(runs: Iterable[RunState], waiting: Container[str]) -> list[str]:
+    """One at a time: of the unfinished runs of one owner and queue key, the QUEUED ones
+    to start now (RunDequeued), oldest first. The oldest run in `waiting` (the QUEUED runs
+    the daemon keeps in line: not those a cancel is ending) starts while fewer than its
+    `concurrency` of these runs are unfinished and not QUEUED; the next one waits behind
+    it, so they start in submit order."""
+    busy, queued = 0, []
+    for run in runs:
+        if run.state != QUEUED:
+            busy += 1
+        elif run.run_id in waiting and not run.cancelling:
+            queued.append(run)
+    started = []
+    for run in sorted(queued, key=lambda r: r.run_id):  # ids grow with submit time
+        if busy >= (run.concurrency or 1):
+            break
+        started.append(run.run_id)
+        busy += 1
+    return started
 
 
 def _cancel(run: RunState, add: Callable[[Action], None]) -> None:

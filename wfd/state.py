@@ -66,6 +66,7 @@ FAILED = "FAILED"
 SKIPPED = "SKIPPED"
 CANCELLED = "CANCELLED"
 CORRUPT = "CORRUPT"  # run state only
+QUEUED = "QUEUED"  # run state only: waiting for a slot of its workflow's `concurrency`
 
 TERMINAL = frozenset({SUCCEEDED, FAILED, SKIPPED, CANCELLED})
 
@@ -74,7 +75,7 @@ RUN_IF_SUCCEEDED = "succeeded"
 RUN_IF_DONE = "done"
 RUN_IF_FAILED = "failed"
 RUN_TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
-RUN_STATES = RUN_TERMINAL | {RUNNING, CORRUPT}  # every state a run can be in
+RUN_STATES = RUN_TERMINAL | {RUNNING, QUEUED, CORRUPT}  # every state a run can be in
 
 TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
     (PENDING, ev.StepReady): READY,
@@ -93,6 +94,23 @@ TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
     (RUNNING, ev.StepCancelled): CANCELLED,
     (RETRY_WAIT, ev.StepCancelled): CANCELLED,
 }
+
+# The run-wide events that change or keep a run's state: (run state, event type) -> the
+# run's next state; FINISHED stands for the state RunFinished names (its steps'
+# outcome). A pair missing here is illegal. A run starts RUNNING, or QUEUED when its
+# RunCreated says `queued`; a QUEUED run's steps stay PENDING (only a cancel may touch
+# them) until RunDequeued.
+FINISHED = "FINISHED"
+RUN_TRANSITIONS: dict[tuple[str, type[ev.Event]], str] = {
+    (QUEUED, ev.RunDequeued): RUNNING,
+    (QUEUED, ev.RunCancelRequested): QUEUED,
+    (QUEUED, ev.RunFinished): FINISHED,  # cancelled while queued: CANCELLED
+    (RUNNING, ev.RunCancelRequested): RUNNING,
+    (RUNNING, ev.RunFinished): FINISHED,
+    (FAILED, ev.RunResumed): RUNNING,
+    (CANCELLED, ev.RunResumed): RUNNING,
+}
+_RUN_TABLE_EVENTS = frozenset(kind for _, kind in RUN_TRANSITIONS)
 
 # RunResumed: what each step state becomes; a state missing here refuses the resume.
 RESUME: dict[str, str] = {
@@ -241,7 +259,8 @@ class RunState:
         "finished_at", "error", "cancelling", "last_seq", "steps", "ready", "running",
         "retry_wait", "promotable", "skippable", "counts", "vars", "schedule", "slot", "key",
         "pool_ready", "pool_running",
-        "producers", "producers_seq", "ran", "running_since", "resumed",
+        "producers", "producers_seq", "ran", "running_since", "resumed", "queue_key",
+        "concurrency",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -263,7 +282,9 @@ class RunState:
         self.slot: float | None = None
         self.ran = 0.0  # seconds RUNNING before running_since (all of them once finished)
         self.running_since: str | None = None  # start of the current RUNNING span
-        self.resumed = False  # a RunResumed was applied: RunFinished carries `ran`
+        self.resumed = False  # resumed or dequeued: RunFinished carries `ran`
+        self.queue_key = workflow.name  # runs of one owner and key share a `concurrency`
+        self.concurrency: int | None = None  # the limit it was submitted under
         self.steps: dict[str, StepRec] = {
             step.id: StepRec(step.id, i, len(workflow.deps[i]), step.pool)
             for i, step in enumerate(workflow.steps)
@@ -425,6 +446,8 @@ def _step_event(run: RunState, event: ev.Event) -> None:
     if run.finished:
         raise _illegal(run, event, f"after the run finished ({run.state})")
     kind = type(event)
+    if run.state == QUEUED and kind is not ev.StepCancelled:
+        raise _illegal(run, event, "while the run is QUEUED")
     if kind is ev.AttemptClaimed:
         if run.cancelling:
             raise _illegal(run, event, "after the run was cancelled")
@@ -564,6 +587,20 @@ def _run_created(run: RunState, event: ev.RunCreated) -> None:
     run.schedule = event.schedule
     run.slot = event.slot
     run.key = event.key
+    run.queue_key = event.queue if event.queue is not None else event.name
+    run.concurrency = event.concurrency
+    if event.queued:  # its steps wait for RunDequeued; its running time starts then
+        run.state = QUEUED
+        run.resumed = True
+        return
+    run.running_since = event.ts
+    _judge_roots(run)
+
+
+def _run_dequeued(run: RunState, event: ev.RunDequeued) -> None:
+    if run.cancelling:
+        raise _illegal(run, event, "after the run was cancelled")
+    run.state = RUNNING
     run.running_since = event.ts
     _judge_roots(run)
 
@@ -704,6 +741,7 @@ _RUN_EFFECTS: dict[type[ev.Event], Callable] = {
     ev.RunFinished: _run_finished,
     ev.RunResumed: _run_resumed,
     ev.StepsRetried: _steps_retried,
+    ev.RunDequeued: _run_dequeued,
 }
 
 
@@ -713,7 +751,11 @@ def apply(run: RunState, event: ev.Event) -> None:
         raise _illegal(run, event, f"out of sequence: expected seq {run.last_seq + 1}")
     if run.last_seq == 0 and type(event) is not ev.RunCreated:
         raise _illegal(run, event, "before RunCreated")
-    effect = _RUN_EFFECTS.get(type(event))
+    kind = type(event)
+    if kind in _RUN_TABLE_EVENTS and (run.state, kind) not in RUN_TRANSITIONS:
+        raise _illegal(run, event, f"with state {event.state} while the run is {run.state}"
+                       if kind is ev.RunFinished else f"in run state {run.state}")
+    effect = _RUN_EFFECTS.get(kind)
     if effect is not None:
         effect(run, event)
     else:
@@ -817,7 +859,8 @@ def describe(event: ev.Event) -> str:
 
 
 _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
-    ev.RunCreated: lambda e: f"run created ({e.name}, owner {e.owner})",
+    ev.RunCreated: lambda e: (f"run created ({e.name}, owner {e.owner})"
+                              + (": QUEUED" if e.queued else "")),
     ev.StepReady: lambda e: f"{e.step}: READY",
     ev.AttemptClaimed: lambda e: f"{e.step}: RUNNING (attempt {e.attempt})",
     ev.AttemptStarted: lambda e: f"{e.step}: attempt {e.attempt} started, pid {e.pid}",
@@ -843,4 +886,5 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
     ev.RunFinished: lambda e: f"run: {e.state}",
     ev.RunResumed: lambda e: "run: RUNNING (resumed)",
     ev.StepsRetried: lambda e: f"run: RUNNING (retrying {', '.join(e.steps)})",
+    ev.RunDequeued: lambda e: "run: RUNNING (its turn in the queue)",
 }
