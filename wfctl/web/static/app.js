@@ -4,10 +4,10 @@
 // (DAG, Gantt) are drawn by the server, which escapes every name in them.
 "use strict";
 
-const RUN_STATES = ["RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "CORRUPT"];
+const RUN_STATES = ["QUEUED", "RUNNING", "SUCCEEDED", "FAILED", "CANCELLED", "CORRUPT"];
 const ACTION_LABELS = {cancel: "Cancel", resume: "Resume", retry: "Retry"};
 // Which run states each action makes sense in (others: the button is disabled).
-const ACTION_STATES = {cancel: ["RUNNING"], resume: ["FAILED", "CANCELLED"],
+const ACTION_STATES = {cancel: ["QUEUED", "RUNNING"], resume: ["FAILED", "CANCELLED"],
                        retry: ["FAILED", "CANCELLED"]};
 
 function el(tag, attrs, ...children) {
