@@ -22,6 +22,8 @@ from helpers import (
 )
 from slurmtest import SLURM_UP, active_jobs, cluster_or_skip, job_names, jobs_named
 
+from wfd.events import parse_ts
+
 DUMP_ENV = ["python3", "-c",
             "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"]
 
@@ -320,3 +322,33 @@ def replay_events_offline(d: Daemon, run_id: str) -> list[dict]:
     """The run's events from its log file, with no daemon to ask."""
     text = (d.state_dir / "runs" / run_id / "events.jsonl").read_text()
     return [json.loads(line) for line in text.splitlines()]
+
+
+@pytest.mark.timeout(300)
+def test_daemon_killed_after_the_intent_before_sbatch(daemon: Callable[..., Daemon],
+                                                      wfd_tmp: Path) -> None:
+    """The daemon dies once the intent is durable, before sbatch: the next daemon finds no
+    job by the name, waits out RESUBMIT_AFTER from the intent (a dead daemon's sbatch could
+    still get through), then submits it, once."""
+    from wfd.slurm import RESUBMIT_AFTER
+
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm", "command": "echo once >> runs.txt"}]})
+    d = daemon(env={"WFD_FAULTS": "slurm-intent=kill"})
+    done = d.wfctl("run", str(wf))
+    assert done.returncode == 0, done.stderr
+    run_id = done.stdout.strip()
+    wait_until(lambda: not d.running, 60, message="the fault to kill the daemon")
+    names = job_names(replay_events_offline(d, run_id))
+    assert len(names) == 1 and not [row for row in jobs_named() if row[2] in names]
+    d.env.pop("WFD_FAULTS")
+    d.start()
+    status = wait_for_state(d, run_id, "SUCCEEDED", timeout=RESUBMIT_AFTER + 120)
+    rows = [row for row in jobs_named() if row[2] in names]
+    assert len(rows) == 1 and status["steps"]["s"]["job_id"] == rows[0][0], rows
+    assert (wfd_tmp / "runs.txt").read_text() == "once\n"
+    events = replay_events(d, run_id)
+    intent = next(e for e in events if e["type"] == "AttemptSubmitting")
+    submitted = next(e for e in events if e["type"] == "AttemptSubmitted")
+    waited = parse_ts(submitted["ts"]) - parse_ts(intent["ts"])
+    assert waited >= RESUBMIT_AFTER, waited

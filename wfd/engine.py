@@ -1032,6 +1032,7 @@ class Engine:
                     executor=rec.executor or run.workflow.steps[rec.index].executor,
                     token=rec.token, job_id=rec.job_id,
                     log_path=os.fspath(self.layout.log(run_id, step_id, rec.attempts)),
+                    intent_at=ev.parse_ts(rec.intent_ts) if rec.intent_ts else None,
                 ))
             if run.state == st.QUEUED:
                 pass  # none of its steps ever started: nothing is left to deal with

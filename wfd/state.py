@@ -214,7 +214,7 @@ class StepRec:
         "id", "index", "state", "attempts", "failures", "exit_code", "started_at",
         "finished_at", "error", "retry_at", "pid", "start_time", "boot_id", "waiting",
         "attempt_ts", "retry_at_epoch", "deadline", "cpu", "max_rss", "containment",
-        "executor", "token", "job_id", "pool",
+        "executor", "token", "job_id", "intent_ts", "pool",
         "outputs",
         "open", "failing", "origin", "settled",
     )
@@ -244,6 +244,7 @@ class StepRec:
         self.executor: str | None = None  # its current attempt's batch system, if any
         self.token: str | None = None  # the name of that attempt's job: wfd-<token>
         self.job_id: str | None = None  # that job's id, once accepted
+        self.intent_ts: str | None = None  # when its submission was intended (AttemptSubmitting)
         self.outputs: dict[str, str] = _NO_OUTPUTS  # from its AttemptSucceeded
         self.open = waiting  # dependencies not settled yet (module docstring)
         self.failing = 0  # dependencies FAILED or SKIPPED because of a failure
@@ -488,7 +489,7 @@ def _eff_claimed(run: RunState, rec: StepRec, event: ev.AttemptClaimed) -> None:
     rec.attempt_ts = event.ts
     rec.pid = rec.start_time = rec.boot_id = rec.deadline = None
     rec.retry_at = None
-    rec.executor = rec.token = rec.job_id = None
+    rec.executor = rec.token = rec.job_id = rec.intent_ts = None
     if rec.started_at is None:
         rec.started_at = event.ts
 
@@ -506,6 +507,7 @@ def _eff_started(run: RunState, rec: StepRec, event: ev.AttemptStarted) -> None:
 def _eff_submitting(run: RunState, rec: StepRec, event: ev.AttemptSubmitting) -> None:
     rec.executor = event.executor
     rec.token = event.token
+    rec.intent_ts = event.ts
 
 
 def _eff_submitted(run: RunState, rec: StepRec, event: ev.AttemptSubmitted) -> None:
