@@ -49,7 +49,8 @@ def test_outputs_reach_a_grandchild_and_show_in_status_and_replay(
     wf = write_workflow(wfd_tmp, {"steps": [
         {"id": "make-tar", "command": "echo FILE=/data/x.tar >> $WFD_OUTPUT; "
                                       "printf 'ROWS=3\\n\\nNOTE=a = b\\n' >> $WFD_OUTPUT"},
-        {"id": "child", "command": f"echo B=2 >> $WFD_OUTPUT; {ENV_DUMP} > child.env",
+        {"id": "child", "command": f"echo B=2 >> $WFD_OUTPUT; {ENV_DUMP} > child.env; "
+                                   'echo "$WFD_OUTPUT" > child.path',
          "depends_on": ["make-tar"]},
         {"id": "grandchild", "command": f"{ENV_DUMP} > grandchild.env; "
                                         'echo "$WFD_OUTPUT" > grandchild.path',
@@ -81,10 +82,13 @@ def test_outputs_reach_a_grandchild_and_show_in_status_and_replay(
     assert shown[shown.index("STEP      OUTPUT") + 1:] == [
         "make-tar  FILE=/data/x.tar", "make-tar  ROWS=3", "make-tar  NOTE=a = b",
         "child     B=2"]
-    # the file the attempt was given is gone with its directory
-    path = Path(lines(wfd_tmp / "grandchild.path")[0])
-    assert path.name == "output" and path.parent.name.startswith("wfd-out-")
-    assert not path.parent.exists()
+    # each attempt's file is its own, in the keeper's directory for its user, and is gone
+    # once the attempt is over
+    paths = [Path(lines(wfd_tmp / f"{step}.path")[0]) for step in ("child", "grandchild")]
+    assert paths[0] != paths[1] and paths[0].parent == paths[1].parent
+    assert paths[0].parent.name == f"u{os.geteuid()}"
+    assert paths[0].parent.parent.name.startswith("wfd-out-")
+    assert not paths[0].exists() and not paths[1].exists()
 
 
 @pytest.mark.timeout(120)
@@ -237,32 +241,37 @@ except ImportError:  # pragma: no cover
 def test_system_daemon_steps_of_nobody_pass_outputs(
         daemon: Callable[..., Daemon], sandbox: Any, foreign_python: Any,
         accounts: Any) -> None:
-    """$WFD_OUTPUT is a file nobody may write but not replace (the run dir is root's): a
-    step that tries to put a symlink to a root-only file in its place cannot, and what it
-    writes reaches the next step."""
+    """$WFD_OUTPUT is in a directory of nobody's own (the run dir is root's): what the
+    step writes there reaches the next step; a symlink to a root-only file planted in its
+    place is refused, never followed by the root keeper."""
     d = system_daemon(daemon, sandbox, accounts)
     work = nobody_dir(sandbox.root / "work")
     secret = sandbox.root / "secret"
     secret.write_text("SECRET=root-only\n")
     os.chmod(secret, 0o600)
-    attack = ('id -u > who; ls -ld "$(dirname "$WFD_OUTPUT")" "$WFD_OUTPUT" > where; '
-              f'rm -f "$WFD_OUTPUT" 2> rm.err; ln -sf {secret} "$WFD_OUTPUT" 2> ln.err; '
-              'echo "WHO=$(id -un)" >> "$WFD_OUTPUT"')
     wf = write_workflow(work, {"steps": [
-        {"id": "produce", "command": attack},
+        {"id": "produce", "command": 'id -u > who; echo "$WFD_OUTPUT" > where; '
+                                     'echo "WHO=$(id -un)" >> "$WFD_OUTPUT"'},
         {"id": "consume", "command": 'echo "$WFD_OUT_produce_WHO" > got',
          "depends_on": ["produce"]},
+        {"id": "plant", "command": f'ln -s {secret} "$WFD_OUTPUT"'},
     ]})
     os.chmod(wf, 0o644)
     done = client(foreign_python, d, NOBODY, "run", str(wf), "--wait")
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 1, done.stderr
     nobody = pwd.getpwnam(NOBODY)
     assert lines(work / "who") == [str(nobody.pw_uid)]
     assert lines(work / "got") == [NOBODY]
-    assert "Permission denied" in (work / "rm.err").read_text()
-    directory, output = lines(work / "where")
-    assert directory.startswith("drwx--x---") and " root " in directory, directory
-    assert output.startswith("-rw-------") and f" {NOBODY} " in output, output
-    assert str(d.state_dir) not in directory
+    path = Path(lines(work / "where")[0])
+    assert str(d.state_dir) not in str(path)
+    mine, base = path.parent.stat(), path.parent.parent.stat()
+    assert (mine.st_uid, mine.st_mode & 0o777) == (nobody.pw_uid, 0o700)
+    assert (base.st_uid, base.st_mode & 0o777) == (0, 0o711)
     status = json.loads(d.wfctl("status", done.stdout.strip(), "--json").stdout)
     assert status["steps"]["produce"]["outputs"] == {"WHO": NOBODY}
+    plant = status["steps"]["plant"]
+    assert (plant["state"], plant["exit_code"], plant["outputs"]) == ("FAILED", 0, {})
+    assert plant["error"] == ("the output file ($WFD_OUTPUT) is not a regular file of the "
+                              "step's user")
+    assert "root-only" not in (d.state_dir / "runs" / done.stdout.strip()
+                               / "events.jsonl").read_text()

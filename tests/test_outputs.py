@@ -2,7 +2,7 @@
 (wfd/outputs.py), the one-to-one variable names, which steps a step inherits from,
 the fold of outputs (state.py), the outcome of an attempt whose file is refused
 (scheduler.outcome), and the keeper's file (wfd/outfile.py) against a planted
-symlink, a FIFO and an oversized file.
+symlink, a FIFO, another user's file and an oversized file.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from test_state import Story, make_step, make_workflow
 from wfd import events as ev
 from wfd import scheduler
 from wfd import state as st
-from wfd.outfile import OutputFile
+from wfd.outfile import OutputDirs
 from wfd.outputs import (
     MAX_OUTPUT,
     OutputInvalid,
@@ -233,42 +233,83 @@ def test_a_refused_output_file_fails_an_attempt_that_exited_0() -> None:
 # ---- the keeper's file --------------------------------------------------------------------
 
 
-def test_the_output_file_is_made_empty_and_removed_with_its_directory() -> None:
-    out = OutputFile.create(None)
-    try:
-        assert os.path.basename(out.directory).startswith("wfd-out-")
-        assert os.stat(out.directory).st_mode & 0o777 == 0o700
-        assert os.stat(out.path).st_mode & 0o777 == 0o600
-        assert out.read() == b""
-        with open(out.path, "ab") as f:
-            f.write(b"A=1\n")
-        assert parse_outputs(out.read()) == {"A": "1"}
-    finally:
-        out.remove()
-    assert not os.path.exists(out.directory)
-    assert out.read() == b""  # gone: nothing, not an error
+@pytest.fixture
+def dirs():
+    made = OutputDirs()
+    yield made
+    made.close()
 
 
-def test_reading_stops_past_the_cap() -> None:
-    out = OutputFile.create(None)
-    try:
-        with open(out.path, "ab") as f:
-            f.write(b"K=" + b"v" * (4 * MAX_OUTPUT))
-        assert len(out.read()) == MAX_OUTPUT + 1
-    finally:
-        out.remove()
+def test_no_file_until_the_step_writes_one_and_none_after(dirs: OutputDirs) -> None:
+    out = dirs.new_file(None)
+    directory = os.path.dirname(out.path)
+    assert os.path.basename(os.path.dirname(directory)).startswith("wfd-out-")
+    assert os.stat(os.path.dirname(directory)).st_mode & 0o777 == 0o711
+    assert os.stat(directory).st_mode & 0o777 == 0o700
+    assert not os.path.exists(out.path)
+    assert out.read() == b""  # wrote nothing: no outputs, not an error
+    with open(out.path, "a") as f:
+        f.write("A=1\n")
+    assert parse_outputs(out.read()) == {"A": "1"}
+    out.remove()
+    assert not os.path.exists(out.path)
+    other = dirs.new_file(None)
+    assert other.path != out.path and os.path.dirname(other.path) == directory
+    other.remove()
+    dirs.close()
+    assert not os.path.exists(os.path.dirname(directory))
 
 
-def test_a_symlink_or_a_fifo_in_its_place_is_refused_not_followed(tmp_path) -> None:
+def test_reading_stops_past_the_cap(dirs: OutputDirs) -> None:
+    out = dirs.new_file(None)
+    with open(out.path, "ab") as f:
+        f.write(b"K=" + b"v" * (4 * MAX_OUTPUT))
+    assert len(out.read()) == MAX_OUTPUT + 1
+    out.remove()
+
+
+def test_a_symlink_a_fifo_or_someone_elses_file_is_refused_not_followed(
+        dirs: OutputDirs, tmp_path) -> None:
     secret = tmp_path / "secret"
     secret.write_text("SECRET=1\n")
-    for plant in (lambda p: os.symlink(secret, p), os.mkfifo):
-        out = OutputFile.create(None)
-        try:
-            os.unlink(out.path)
-            plant(out.path)
-            with pytest.raises(OutputInvalid):
-                out.read()
-        finally:
-            out.remove()
-        assert not os.path.exists(out.directory)
+    plants = [lambda p: os.symlink(secret, p), os.mkfifo, os.mkdir]
+    if os.geteuid() == 0:  # a file of another user's, where the step's should be
+        plants.append(lambda p: (open(p, "w").write("X=1\n"), os.chown(p, 12345, 12345)))
+    for plant in plants:
+        out = dirs.new_file(None)
+        plant(out.path)
+        with pytest.raises(OutputInvalid, match="not a regular file of the step's user"):
+            out.read()
+        out.remove()
+
+
+def test_a_directory_removed_by_a_temp_cleaner_is_made_again(dirs: OutputDirs) -> None:
+    out = dirs.new_file(None)
+    out.remove()
+    directory = os.path.dirname(out.path)
+    os.rmdir(directory)
+    os.rmdir(os.path.dirname(directory))
+    again = dirs.new_file(None)
+    with open(again.path, "w") as f:
+        f.write("B=2\n")
+    assert parse_outputs(again.read()) == {"B": "2"}
+    again.remove()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root, to make a directory for nobody")
+def test_another_users_directory_is_theirs(dirs: OutputDirs) -> None:
+    import pwd
+
+    from wfd.users import UserIds
+
+    nobody = pwd.getpwnam("nobody")
+    out = dirs.new_file(UserIds(nobody.pw_uid, nobody.pw_gid, ()))
+    info = os.stat(os.path.dirname(out.path))
+    assert (info.st_uid, info.st_mode & 0o777) == (nobody.pw_uid, 0o700)
+    with open(out.path, "w") as f:
+        f.write("A=1\n")
+    with pytest.raises(OutputInvalid):  # root's file, not nobody's
+        out.read()
+    os.chown(out.path, nobody.pw_uid, nobody.pw_gid)
+    assert out.read() == b"A=1\n"
+    out.remove()

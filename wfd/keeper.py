@@ -44,7 +44,7 @@ import msgspec
 
 from wfd.eventlog import Layout
 from wfd.executor import AttemptKey, AttemptSpec, StartFailed
-from wfd.outfile import OutputFile
+from wfd.outfile import OutputDirs, OutputFile
 from wfd.outputs import OutputInvalid, parse_outputs
 from wfd.users import UserIds
 
@@ -314,6 +314,7 @@ class Keeper:
         self.writer: asyncio.StreamWriter | None = None
         self.started: dict[AttemptKey, float] = {}  # wall-clock start times
         self.timers: dict[AttemptKey, asyncio.TimerHandle] = {}
+        self.outdirs = OutputDirs()
         self.outfiles: dict[AttemptKey, OutputFile] = {}  # each running attempt's $WFD_OUTPUT
         self._ends: list[ExitRecord] = []
         self._flush_scheduled = False
@@ -378,7 +379,7 @@ class Keeper:
             self._ended(key, None, None, start_error=f"cannot open log: {why}")
             return
         try:
-            outfile = self.outfiles[key] = OutputFile.create(user)
+            outfile = self.outfiles[key] = self.outdirs.new_file(user)
         except OSError as exc:
             os.close(log_fd)
             self._ended(key, None, None,
@@ -550,6 +551,7 @@ async def _main(keeper_dir: Path) -> int:
     except OSError:
         pass
     keeper.journal.close()
+    keeper.outdirs.close()
     if keeper.executor.cgroups is not None:
         keeper.executor.cgroups.close()
     # The lock fd stays open: the lock goes with the process itself, so "no keeper holds the

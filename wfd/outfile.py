@@ -1,99 +1,67 @@
-"""The file a step writes its outputs to (`$WFD_OUTPUT`), made and read back by the keeper.
+"""The file a step writes its outputs to (`$WFD_OUTPUT`): where the keeper puts it, and
+how it reads it back without trusting it.
 
-Where it lives: a directory of its own per attempt, `wfd-out-XXXXXXXX` in the
-keeper's temp dir (made by `mkdtemp`: a fresh name, never one someone else
-made first). Not in the run's directory: a system daemon's run directories
-are root's alone (0700), and the step runs as its submitter. The directory
-belongs to the keeper's user, mode 0710 with the step user's group (0700 when
-the step runs as the keeper's own user), so the step's user may enter it but
-not list it or add, rename or remove anything in it. In it, `output`, created
-empty (O_EXCL, O_NOFOLLOW), mode 0600, owned by the step's user: the one file
-there the step may write.
+Where: one directory per keeper process, `wfd-out-XXXXXXXX` in its temp dir (made by
+`mkdtemp`, mode 0711, the keeper's: nobody else may add to it), and in it one directory
+per step user, `u<uid>` (0700, that user's), made the first time that user's step runs.
+Not in the run's directory: a system daemon's run directories are root's alone, and the
+step runs as its submitter. `$WFD_OUTPUT` names a file in the user's directory that does
+not exist yet, with a random name of its own per attempt: a step that writes no outputs
+costs the keeper no file at all, only one failed open at its end.
 
-Read back once the attempt is over, as the keeper's user (root, for a system
-daemon): opened from the directory's descriptor with O_NOFOLLOW (a symlink is
-refused, never followed) and O_NONBLOCK (a FIFO cannot hang the keeper), it
-must be a regular file owned by the step's user, and at most `MAX_OUTPUT + 1`
-bytes are read. Then the file and its directory are removed. A keeper killed
-while attempts run leaves their directories behind (the temp dir's cleaner
-removes them); nothing reads them again.
+Read back once the attempt is over, as the keeper's user (root, for a system daemon).
+The user's directory is theirs, so anything may be in the file's place: it is opened
+from the directory's descriptor with O_PATH|O_NOFOLLOW (no side effect, and a symlink is
+refused, never followed), must be a regular file owned by the step's user (a hard link
+to another user's file is refused), and only then is it opened for reading, at most
+`MAX_OUTPUT + 1` bytes. Then it is removed. A keeper killed while attempts run leaves
+its directory behind (the temp dir's cleaner removes it); nothing reads it again.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
 import stat
 import tempfile
 
 from wfd.outputs import MAX_OUTPUT, OutputInvalid
 from wfd.users import UserIds
 
-NAME = "output"
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
 class OutputFile:
-    """One attempt's output file: `create` it before the spawn, `read` and `remove` after."""
+    """One attempt's $WFD_OUTPUT: `path` for its environment, `read` and `remove` after."""
 
-    def __init__(self, directory: str, uid: int) -> None:
-        self.directory = directory
-        self.uid = uid  # who may write it, and must own it when it is read
-
-    @property
-    def path(self) -> str:
-        return os.path.join(self.directory, NAME)
-
-    @classmethod
-    def create(cls, user: UserIds | None) -> OutputFile:
-        """A fresh directory and empty file for an attempt of `user` (None: the keeper's
-        own user). OSError if it cannot be made; nothing is left behind then."""
-        directory = tempfile.mkdtemp(prefix="wfd-out-")
-        mine = user is None or user.uid == os.geteuid()
-        uid = os.geteuid() if user is None else user.uid
-        try:
-            dir_fd = os.open(directory, _DIR)
-            try:
-                fd = os.open(NAME, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                             | os.O_CLOEXEC, 0o600, dir_fd=dir_fd)
-                try:
-                    if not mine:
-                        os.fchown(fd, user.uid, user.gid)  # type: ignore[union-attr]
-                finally:
-                    os.close(fd)
-                if not mine:  # the step's group may enter, not list or change
-                    os.fchown(dir_fd, -1, user.gid)  # type: ignore[union-attr]
-                    os.fchmod(dir_fd, 0o710)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            cls(directory, uid).remove()
-            raise
-        return cls(directory, uid)
+    def __init__(self, dir_fd: int, directory: str, uid: int) -> None:
+        self.dir_fd = os.dup(dir_fd)  # the user's directory; its own, closed by `remove`
+        self.name = secrets.token_hex(8)
+        self.path = os.path.join(directory, self.name)
+        self.uid = uid  # who writes it, and must own it when it is read
 
     def read(self) -> bytes:
-        """What the step wrote: at most MAX_OUTPUT + 1 bytes (more is `parse_outputs`'s
-        error to report); b"" if the file is gone. OutputInvalid if it is no longer a
-        regular file of the step's user (a symlink or a FIFO in its place)."""
+        """What the step wrote, at most MAX_OUTPUT + 1 bytes (more is `parse_outputs`'s
+        error to report); b"" if it wrote nothing. OutputInvalid if something other than a
+        regular file of the step's user is in its place."""
         try:
-            dir_fd = os.open(self.directory, _DIR)
+            handle = os.open(self.name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+                             dir_fd=self.dir_fd)
         except FileNotFoundError:
             return b""
+        except OSError as exc:
+            raise OutputInvalid(f"cannot read the output file ($WFD_OUTPUT): "
+                                f"{exc.strerror or exc}") from None
         try:
-            try:
-                fd = os.open(NAME, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                             dir_fd=dir_fd)
-            except FileNotFoundError:
-                return b""
-            except OSError as exc:
-                raise OutputInvalid(f"cannot read the output file ($WFD_OUTPUT): "
-                                    f"{exc.strerror or exc}") from None
+            info = os.fstat(handle)
+            if stat.S_ISLNK(info.st_mode) or not stat.S_ISREG(info.st_mode) \
+                    or info.st_uid != self.uid:
+                raise OutputInvalid("the output file ($WFD_OUTPUT) is not a regular file "
+                                    "of the step's user")
+            fd = os.open(f"/proc/self/fd/{handle}", os.O_RDONLY | os.O_CLOEXEC)
         finally:
-            os.close(dir_fd)
+            os.close(handle)
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode) or info.st_uid != self.uid:
-                raise OutputInvalid("the output file ($WFD_OUTPUT) was replaced by something "
-                                    "that is not a regular file of the step's user")
             chunks, left = [], MAX_OUTPUT + 1
             while left > 0:
                 chunk = os.read(fd, left)
@@ -106,20 +74,78 @@ class OutputFile:
             os.close(fd)
 
     def remove(self) -> None:
-        """Remove the file and its directory, whatever is left of them."""
+        """Remove the file (if any) and close the directory: call it once, last."""
         try:
-            dir_fd = os.open(self.directory, _DIR)
-        except OSError:
-            return
-        try:
-            for name in os.listdir(dir_fd):  # only the keeper's user can add to it
-                try:
-                    os.unlink(name, dir_fd=dir_fd)
-                except OSError:
-                    pass
-        finally:
-            os.close(dir_fd)
-        try:
-            os.rmdir(self.directory)
+            os.unlink(self.name, dir_fd=self.dir_fd)  # unlink never follows a symlink
         except OSError:
             pass
+        os.close(self.dir_fd)
+
+
+class OutputDirs:
+    """The keeper's output directories: its own, and one per step user in it."""
+
+    def __init__(self) -> None:
+        self.base: str | None = None
+        self._users: dict[int, tuple[int, int, int]] = {}  # uid -> (dir fd, st_dev, st_ino)
+
+    def new_file(self, user: UserIds | None) -> OutputFile:
+        """A fresh $WFD_OUTPUT for an attempt of `user` (None: the keeper's own user).
+        OSError if its directory cannot be made."""
+        uid = os.geteuid() if user is None else user.uid
+        fd = self._user_dir(uid, user)
+        return OutputFile(fd, os.path.join(self.base, f"u{uid}"), uid)  # type: ignore[arg-type]
+
+    def _user_dir(self, uid: int, user: UserIds | None) -> int:
+        """The user's directory, made again if the temp dir's cleaner removed it."""
+        known = self._users.get(uid)
+        if known is not None:
+            try:
+                info = os.lstat(os.path.join(self.base, f"u{uid}"))  # type: ignore[arg-type]
+                if (info.st_dev, info.st_ino) == known[1:]:
+                    return known[0]
+            except OSError:
+                pass
+            del self._users[uid]  # gone (a temp dir cleaner): made again below
+            os.close(known[0])
+        if self.base is None or not os.path.isdir(self.base):
+            self.base = tempfile.mkdtemp(prefix="wfd-out-")
+            os.chmod(self.base, 0o711)  # users pass through to their own directory only
+        base_fd = os.open(self.base, _DIR)
+        try:
+            name = f"u{uid}"
+            try:
+                os.mkdir(name, 0o700, dir_fd=base_fd)
+            except FileExistsError:
+                pass
+            fd = os.open(name, _DIR, dir_fd=base_fd)
+        finally:
+            os.close(base_fd)
+        try:
+            if uid != os.geteuid():
+                os.fchown(fd, uid, user.gid if user is not None else -1)
+            info = os.fstat(fd)
+        except OSError:
+            os.close(fd)
+            raise
+        self._users[uid] = (fd, info.st_dev, info.st_ino)
+        return fd
+
+    def close(self) -> None:
+        """Close the directories and remove those that are empty (what a user left in
+        theirs stays: the keeper removes nothing in a user's directory but its files)."""
+        users, self._users = self._users, {}
+        for uid, (fd, _, _) in users.items():
+            os.close(fd)
+            if self.base is not None:
+                try:
+                    os.rmdir(os.path.join(self.base, f"u{uid}"))
+                except OSError:
+                    pass
+        if self.base is not None:
+            try:
+                os.rmdir(self.base)
+            except OSError:
+                pass
+            else:
+                self.base = None
