@@ -352,3 +352,26 @@ def test_daemon_killed_after_the_intent_before_sbatch(daemon: Callable[..., Daem
     submitted = next(e for e in events if e["type"] == "AttemptSubmitted")
     waited = parse_ts(submitted["ts"]) - parse_ts(intent["ts"])
     assert waited >= RESUBMIT_AFTER, waited
+
+
+@pytest.mark.timeout(180)
+def test_a_job_squeue_no_longer_shows_asks_sacct(daemon: Callable[..., Daemon],
+                                                 wfd_tmp: Path) -> None:
+    """A job squeue no longer shows by its name (here: renamed behind wfd's back) and with
+    no exit record: sacct is asked; without accounting (this cluster) it cannot say, so
+    the attempt is lost."""
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm", "command": "sleep 300", "on_lost": "fail"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    job_id = job_running(d, run_id, "s")
+    try:
+        subprocess.run(["scontrol", "update", f"jobid={job_id}", "name=renamed"], check=True,
+                       timeout=30)
+        status = wait_for_state(d, run_id, "FAILED", timeout=60)
+    finally:
+        subprocess.run(["scancel", job_id], timeout=30)
+    assert status["steps"]["s"]["error"] == (
+        f"attempt lost: Slurm job {job_id} ended (gone from the queue) without an exit "
+        "record (is the state dir shared with the nodes?)")
+    wait_until(lambda: not active_jobs({"renamed"}), 30, message="the renamed job to end")

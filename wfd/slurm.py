@@ -10,9 +10,10 @@ log in the run dir (the state dir must be shared with the nodes).
 
 One poller learns how jobs end: the exit record first; then one `squeue` for every
 job waited on (by name, so that it also finds a job whose id was never recorded);
-a job gone from the queue without a record is lost (`on_lost`), unless it was being
-killed. A controller that does not answer is "unknown, keep waiting": `unreachable`
-says why, for `status`; nothing fails for it.
+then, for a job squeue no longer shows, `sacct` where accounting exists. A job gone
+without a record is lost (`on_lost`), unless it was being killed. A controller that
+does not answer is "unknown, keep waiting": `unreachable` says why, for `status`;
+nothing fails for it.
 
 Nothing is submitted twice: a job whose submission was cut short (the daemon died
 after the intent, `sbatch` timed out or could not reach the controller) is looked
@@ -137,6 +138,9 @@ class _Job:
     kill_sent: bool = False
     escalate_at: float | None = None
     gone: int = 0  # looks that found no such job (or an ended one) and no record
+    asked_sacct: bool = False  # once it left squeue without a record
+    asking: bool = False
+    sacct_state: str | None = None
     ended: bool = False
 
 
@@ -364,10 +368,32 @@ class SlurmExecutor:
             self._end(job, None, job.killing, None)
         elif row is not None and row[1] == "TIMEOUT":  # Slurm's --time backstop
             self._end(job, None, "timeout", None)
-        else:
-            state = row[1] if row is not None else "gone from the queue"
+        elif row is None and not job.asked_sacct:  # left squeue: accounting may know more
+            job.asked_sacct = job.asking = True
+            asyncio.get_running_loop().create_task(self._ask_sacct(job))
+        elif not job.asking:
+            state = row[1] if row is not None else (job.sacct_state or "gone from the queue")
             self._lost(job, f"Slurm job {job.job_id} ended ({state}) without an exit record "
                             "(is the state dir shared with the nodes?)")
+
+    async def _ask_sacct(self, job: _Job) -> None:
+        """Where accounting exists, what it says of a job squeue no longer shows: still
+        pending or running means keep waiting (as if squeue had said so). Untested on the
+        one-node cluster, which has no accounting (sacct fails: then lost, as before)."""
+        try:
+            code, out, _ = await run(["sacct", "--noheader", "--parsable2", "--allocations",
+                                      "--format=State", f"--jobs={job.job_id}"], b"",
+                                     SQUEUE_TIMEOUT)
+        except FileNotFoundError:
+            code, out = 1, b""
+        finally:
+            job.asking = False
+        states = out.decode(errors="replace").split() if code == 0 else []
+        if states and states[0].upper() not in ENDED:
+            job.gone, job.asked_sacct = 0, False  # not over: look again later
+        elif states:
+            job.sacct_state = states[0]
+        self._wake.set()
 
     def _never_accepted(self, job: _Job, now: float) -> None:
         if job.killing is not None:
