@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, replay_events, run_json, write_workflow
+from helpers import Daemon, replay_events, run_json, run_wfctl, write_workflow
 
 from wfd import protocol as p
 
@@ -86,3 +86,16 @@ def test_the_daemon_checks_params_and_fills_in_defaults_itself(
     reply = submit_raw(d, wfd_tmp, {"TARGET": "web1"})
     assert isinstance(reply, p.Submitted)
     assert replay_events(d, reply.run_id)[0]["vars"] == {"BRANCH": "main", "TARGET": "web1"}
+
+
+def test_validate_lists_the_params(wfd_tmp: Path) -> None:
+    path = deploy(wfd_tmp)
+    done = run_wfctl("validate", str(path), mark="params")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.splitlines() == [
+        f"{path}: ok (1 step)",
+        "PARAM   DEFAULT     DESCRIPTION",
+        "BRANCH  main        the branch",
+        "TARGET  (required)  -",
+        "NOTE    (unset)     -",
+    ]

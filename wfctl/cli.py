@@ -414,6 +414,14 @@ def cmd_validate(args: argparse.Namespace) -> int:
     _, workflow = load_workflow(args.file)
     steps = len(workflow.steps)
     out(f"{args.file}: ok ({steps} step{'' if steps == 1 else 's'})")
+    if workflow.params:  # what `wfctl run FILE NAME=VALUE` takes
+        from wfctl.render import table
+
+        rows = [[name, "(required)" if param.required else
+                 ("(unset)" if param.default is None else param.default),
+                 param.description or "-"] for name, param in workflow.params.items()]
+        for line in table(["PARAM", "DEFAULT", "DESCRIPTION"], rows):
+            out(line)
     return EXIT_OK
 
 
