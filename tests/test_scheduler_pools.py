@@ -17,12 +17,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 from test_scheduler import (
     OWNER,
+    Fleet,
     Sim,
     bound_for,
     check_ending,
     check_refold,
     first,
     hypothesis_chooser,
+    independent,
     make_step,
     make_workflow,
 )
@@ -266,3 +268,25 @@ def test_fold_keeps_pool_counts_in_step_with_states() -> None:
     folded = st.fold(wf, sim.streams["r"])
 
     assert folded.pool_running == run.pool_running and folded.pool_ready == run.pool_ready
+
+
+def test_runs_waiting_for_a_full_pool_cost_nothing_while_it_stays_full() -> None:
+    """3,000 runs wait for a pool of one slot, held: the steps of another run end and
+    start, and each decision looks at a handful of runs, not at every waiter (they wait
+    as the pool's waiters, outside the start queues). When the slot frees, the next in
+    line starts (that wake looks at every waiter once: see the scheduler's docstring)."""
+    fleet = Fleet(limit=8)
+    fleet.sched.set_pool("db", 1)
+    for i in range(3000):
+        fleet.submit(f"r{i:04d}", 1000 + i % 7, db_workflow(1))
+    fleet.submit("free", 999, independent(6))
+    assert sorted(fleet.settle()) == ["free"] * 6 + ["r0000"]
+
+    for n in range(6):
+        fleet.runs.seen.clear()
+        fleet.succeed("free", f"s{n}")
+        fleet.settle()
+        assert len(fleet.runs.seen) < 10, len(fleet.runs.seen)
+
+    fleet.succeed("r0000")
+    assert fleet.settle() == ["r0001"]
