@@ -66,7 +66,7 @@ def write_record(path: str, record: object) -> None:
 async def supervise(spec: JobSpec) -> object:
     """Run the attempt; its exit record once its whole tree is gone."""
     from wfd.keeper import ExitRecord
-    from wfd.outfile import OutputFile
+    from wfd.outfile import OutputDirs
     from wfd.procs import LocalExecutor
 
     key = AttemptKey(spec.run_id, spec.step, spec.attempt)
@@ -92,13 +92,14 @@ async def supervise(spec: JobSpec) -> object:
     loop.add_signal_handler(signal.SIGINT, terminate)
     started_at = time.time()
     outfile = None
+    outdirs = OutputDirs()
     try:
         log_fd = os.open(spec.log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         on_end(key, None, None, start_error=f"cannot open log: {exc.strerror}")
     else:
         try:  # $WFD_OUTPUT on the node, as the keeper makes it for a local step
-            outfile = OutputFile.create(None)
+            outfile = outdirs.new_file(None)
             env = {**spec.env, "WFD_OUTPUT": outfile.path}
             executor.start(AttemptSpec(key=key, argv=spec.argv, env=env, cwd=spec.cwd,
                                        log_fd=log_fd, umask=spec.umask,
@@ -117,6 +118,7 @@ async def supervise(spec: JobSpec) -> object:
     cpu, max_rss = usage or (0.0, 0)
     why = "start-failed" if start_error is not None else (kill_reason or "exited")
     outputs, output_error = read_outputs(outfile, exit_code == 0 and why == "exited")
+    outdirs.close()
     return ExitRecord(run_id=spec.run_id, step=spec.step, attempt=spec.attempt,
                       exit_code=exit_code, why=why, error=start_error, started_at=started_at,
                       ended_at=time.time(), cpu=cpu, max_rss=max_rss, outputs=outputs,
