@@ -40,7 +40,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 NOBODY = "nobody"
-DEPENDENCIES = ("msgspec", "psutil", "platformdirs")
+DEPENDENCIES = ("msgspec", "psutil", "platformdirs", "cronsim")
 
 
 # ---- a Python for other users ------------------------------------------------------
@@ -492,3 +492,45 @@ def test_system_daemon_prunes_only_the_askers_runs(
     assert done.stdout.splitlines() == sorted(made[NOBODY][:-1] + made[accounts.member][2:])
     assert [r["run_id"] for r in json.loads(d.wfctl("status", "--json").stdout)] == \
         made[NOBODY][-1:]
+
+
+def test_system_daemon_schedules_belong_to_their_owner(
+        daemon: Callable[..., Daemon], sandbox: Any, foreign_python: Runtime,
+        accounts: Accounts) -> None:
+    """Issue 13, prove-it 7: nobody's schedule runs as nobody; another member of the
+    socket group cannot list, show, pause, fire or remove it: it answers as unknown."""
+    rt = foreign_python
+    d = system_daemon(daemon, sandbox, accounts)
+    work = nobody_dir(sandbox.root / "work")
+    wf = write_workflow(work, {"steps": [{"id": "who", "command": "id -u >> who.txt"}]})
+    os.chmod(wf, 0o644)
+    done = client(rt, d, NOBODY, "schedule", "add", "mine", str(wf), "--cron", "@yearly",
+                  "--tz", "UTC")
+    assert done.returncode == 0, done.stderr
+    member = accounts.member
+    done = client(rt, d, member, "schedule", "list", "--json")
+    assert done.returncode == 0 and json.loads(done.stdout) == []
+    for action in ("show", "pause", "unpause", "fire", "rm"):
+        theirs = client(rt, d, member, "schedule", action, "mine")
+        unknown = client(rt, d, member, "schedule", action, "nosuch")
+        assert theirs.returncode == unknown.returncode == 2, (action, theirs.stderr)
+        assert theirs.stderr == "wfctl: no such schedule: mine\n"
+        assert unknown.stderr == "wfctl: no such schedule: nosuch\n"
+    # the member may have a schedule of the same name: a schedule is (owner, name)
+    done = client(rt, d, member, "schedule", "add", "mine", str(wf), "--every", "1d")
+    assert done.returncode == 0, done.stderr
+    # root sees both; nobody's is still there, unpaused, and fires as nobody
+    listing = json.loads(d.wfctl("schedule", "list", "--json").stdout)
+    assert sorted((s["name"], s["owner"], s["paused"]) for s in listing) == [
+        ("mine", NOBODY, False), ("mine", member, False)]
+    done = client(rt, d, NOBODY, "schedule", "fire", "mine")
+    assert done.returncode == 0, done.stderr
+    status = wait_until(lambda: _finished(d, done.stdout.strip()), 60)
+    assert (status["owner"], status["state"], status["schedule"]) == (
+        NOBODY, "SUCCEEDED", "mine")
+    assert (work / "who.txt").read_text().split() == [str(pwd.getpwnam(NOBODY).pw_uid)]
+
+
+def _finished(d: Daemon, run_id: str) -> Any:
+    status = json.loads(d.wfctl("status", run_id, "--json").stdout)
+    return status if status["state"] in ("SUCCEEDED", "FAILED") else None

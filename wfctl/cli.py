@@ -206,6 +206,10 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
             for flags, kwargs in args:
                 cmd.add_argument(*flags, **kwargs)
             _common(cmd, top=False)
+            if name == "schedule":
+                from wfctl import schedcli
+
+                schedcli.add_parser(cmd)
     return parser
 
 
@@ -312,6 +316,8 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
     ("timeline", "a terminal Gantt chart of a run's attempts, retries and waits",
      [_RUN_ID, (("--width",), {"metavar": "N", "type": _width,
                                "help": "columns (default: the terminal's)"})]),
+    ("schedule", "run a workflow on a schedule: add, list, show, pause, unpause, rm, "
+                 "update, fire", []),
     ("web", "serve a live web page of your runs on 127.0.0.1 (needs wfd[web])",
      [(("--port",), {"metavar": "N", "type": _port, "default": 0,
                      "help": "port (default: a free one)"}),
@@ -882,7 +888,14 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "logs": cmd_logs, "retry": cmd_retry, "rerun": cmd_rerun, "prune": cmd_prune,
     "shutdown": cmd_shutdown, "pool": cmd_pool,
     "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
+    "schedule": lambda args: cmd_schedule(args),
 }
+
+
+def cmd_schedule(args: argparse.Namespace) -> int:
+    from wfctl import schedcli
+
+    return schedcli.cmd_schedule(args, _connect)
 
 
 # ---- entry point -------------------------------------------------------------------

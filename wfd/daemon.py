@@ -37,6 +37,8 @@ from wfd.eventlog import Layout, UnsafeStateDir, check_state_dir, discard_unackn
 from wfd.executors import Executors
 from wfd.kept import KeeperUnavailable, KeptExecutor
 from wfd.pools import BadPools, PoolLimits, parse_option
+from wfd.schedlog import ScheduleLog, ScheduleLogDamaged
+from wfd.scheduling import Scheduling
 from wfd.server import Server
 from wfd.slurm import SlurmExecutor
 
@@ -234,7 +236,14 @@ class Daemon:
             raise StartupError(f"refusing the state dir: {exc}") from None
         self.lock_fd = lock_state_dir(self.state_dir, self.socket_path)
         layout = Layout(self.state_dir)
-        discard_unacknowledged(layout)  # crashed submits: no run, and not CORRUPT for ever
+        self.schedule_log = ScheduleLog(self.state_dir)
+        try:
+            book = self.schedule_log.load()
+        except (OSError, ScheduleLogDamaged) as exc:
+            raise StartupError(f"cannot read the schedule log: {exc}") from None
+        # Crashed submits: no run, and not CORRUPT for ever. A run a schedule's intent
+        # names is kept: recovery creates it, with that id.
+        discard_unacknowledged(layout, keep=set(book.intents()))
         if layout.remove_tombstones():  # what a crash left of a prune: gone, finish it
             log.info("finished deleting runs pruned before a crash")
         return layout
@@ -272,6 +281,7 @@ class Daemon:
         executor.lost_connection = lambda exc: engine.fail(
             exc or ConnectionError("the keeper closed its connection"))
         unfinished = engine.load_all()
+        engine.schedules = Scheduling(engine, self.schedule_log)
         committer = engine.start()
         executor.listen()
         sock, inherited = self._listening_socket()
@@ -293,6 +303,7 @@ class Daemon:
             background.append(engine.supervise(self._retention_loop(engine)))
         if self.args.max_log_size:
             background.append(engine.supervise(self._log_cap_loop(engine)))
+        background.append(engine.supervise(engine.schedules.run()))
         stop = asyncio.create_task(self.stop_requested.wait())
         await asyncio.wait([stop, engine.fatal, committer], return_when=asyncio.FIRST_COMPLETED)
         for task in background:

@@ -31,7 +31,7 @@ import secrets
 import time
 from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wfd import events as ev
 from wfd import faults, logcap, retention, scheduler, slurm, store
@@ -48,6 +48,9 @@ from wfd.procs import BOOT_ID, MARK_ATTEMPT, MARK_RUN, MARK_STEP
 from wfd.store import RunCtx, Stub
 from wfd.users import name_of
 from wfd.workflow import Workflow, parse_workflow
+
+if TYPE_CHECKING:
+    from wfd.scheduling import Scheduling
 
 log = logging.getLogger("wfd")
 
@@ -178,6 +181,7 @@ class Engine:
         # Per run: which steps upstream of each step have outputs (`outputs.upstream`'s
         # memo), valid while the run's `producers_seq` is the one it was built for.
         self._upstream: dict[str, tuple[int, dict[int, frozenset[int]]]] = {}
+        self.schedules: Scheduling | None = None  # set by the daemon: the schedule timer
         # Parses of submissions, one at a time: a flood of big submits costs one core.
         self._parser = concurrent.futures.ThreadPoolExecutor(1, "wfd-parse")
 
@@ -286,6 +290,15 @@ class Engine:
         while len(self._recent) > KEEP_FINISHED:
             old, _ = self._recent.popitem(last=False)
             self._shrink(old)
+
+    def forget_unborn(self, run_id: str) -> None:
+        """Drop a run loaded from a dir without a first event (a schedule's intent kept
+        it from the start-up clean-up), so that the run can be created afresh."""
+        run = self.runs.get(run_id)
+        assert run is not None and run.last_seq == 0 and run_id not in self.sched
+        del self.runs[run_id]
+        self.ctx.pop(run_id, None)
+        self._recent.pop(run_id, None)
 
     def _shrink(self, run_id: str) -> None:
         run = self.runs.get(run_id)
@@ -400,6 +413,8 @@ class Engine:
         for run_id, event in batch:
             if self.on_transition is not None:
                 self.on_transition(run_id, event)
+            if type(event) is ev.RunFinished and self.schedules is not None:
+                self.schedules.run_finished(run_id)
             for queue in self.watchers.get(run_id, ()):
                 queue.put_nowait(event)
         self.kick()
@@ -754,31 +769,46 @@ class Engine:
                 umask=umask & 0o777, uid=owner_uid, gid=gid if self.system else os.getgid(),
                 owner=name_of(owner_uid), submitted_at=ev.format_ts(now),
             )
-            run_id = self._last_run_id = new_run_id(now, self._last_run_id)
-            ctx = await asyncio.to_thread(self._create_run, run_id, sub)
+            run_id = self.new_run_id()
+            await self.create_run(run_id, wf, sub, vars or {}, key, rule)
         finally:
             self._submitting[owner_uid] -= 1  # from here to `drive` nothing awaits
+        await self.flushed()
+        return run_id
+
+    def new_run_id(self) -> str:
+        self._last_run_id = new_run_id(self.clock.now(), self._last_run_id)
+        return self._last_run_id
+
+    async def create_run(self, run_id: str, wf: Workflow, sub: Submission, vars: dict[str, str],
+                         key: str | None = None, rule: Concurrency | None = None,
+                         schedule: str | None = None, slot: float | None = None) -> None:
+        """Make the run's directory and durable workflow.json (in a worker thread), record
+        its RunCreated (QUEUED if `rule`'s limit is reached) and drive it; the event is
+        durable at the next commit."""
+        ctx = await asyncio.to_thread(self._create_run, run_id, sub)
         try:  # again: another submit may have taken the last slot meanwhile
-            queued = self._busy(owner_uid, wf, rule)
+            queued = self._busy(sub.uid, wf, rule)
         except UsageError:
             await asyncio.to_thread(self.layout.remove_run, run_id)
             raise
         self.ctx[run_id] = ctx
         run = self.runs[run_id] = st.RunState(wf)
         self.committer.add_run(run_id, 0, 0)
-        self._record(run_id, ev.RunCreated, {
+        fields: dict[str, Any] = {
             "run_id": run_id, "name": wf.name, "owner": sub.owner, "owner_uid": sub.uid,
             "vars": dict(vars or {}), "key": key,
             "queue": rule.key if rule is not None else None,
-            "concurrency": rule.limit if rule is not None else None, "queued": queued})
+            "concurrency": rule.limit if rule is not None else None, "queued": queued}
+        if schedule is not None:
+            fields.update(schedule=schedule, slot=slot)
+        self._record(run_id, ev.RunCreated, fields)
         self._join(run)
         if queued:
             self._queued[run_id] = None
         else:
             self.sched.drive(run_id)
         self.kick()
-        await self.flushed()
-        return run_id
 
     def _busy(self, owner_uid: int, wf: Workflow, rule: Concurrency | None) -> bool:
         """Whether a new run under `rule` must queue: its owner's unfinished runs of the

@@ -460,8 +460,9 @@ class LogRead:
     problem: str | None = None  # a damaged line other than the last: the run is corrupt
 
 
-def parse_log(data: bytes) -> LogRead:
-    """Split, decode and check the lines of an events.jsonl image."""
+def parse_log(data: bytes, decoder: msgspec.json.Decoder = ev.json_decoder) -> LogRead:
+    """Split, decode and check the lines of an events.jsonl image (or, with
+    `ev.schedule_decoder`, of the schedule log)."""
     result = LogRead()
     end = data.rfind(b"\n") + 1
     result.good_size = end
@@ -471,22 +472,22 @@ def parse_log(data: bytes) -> LogRead:
         )
     body = data[:end]
     try:
-        events = ev.json_decoder.decode_lines(body)
+        events = decoder.decode_lines(body)
     except (msgspec.DecodeError, msgspec.ValidationError):
         events = None
     lines = body.splitlines()
     if events is not None and len(events) == len(lines):
         result.events, result.lines = events, lines
     else:  # a damaged line, or a blank one (decode_lines skips those without a word)
-        _parse_line_by_line(body, result)
+        _parse_line_by_line(body, result, decoder)
     return result
 
 
-def _parse_line_by_line(body: bytes, result: LogRead) -> None:
+def _parse_line_by_line(body: bytes, result: LogRead, decoder: msgspec.json.Decoder) -> None:
     """Slow path, only for a damaged log: find and name the first bad line."""
     for number, line in enumerate(body.splitlines(), start=1):
         try:
-            result.events.append(ev.json_decoder.decode(line))
+            result.events.append(decoder.decode(line))
             result.lines.append(line)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             result.problem = f"damaged line {number}: {exc}"

@@ -245,3 +245,107 @@ def parse_ts(ts: str) -> float:
     """Inverse of `format_ts` (also accepts other RFC 3339 forms); epoch seconds."""
     text = ts[:-1] + "+00:00" if ts.endswith("Z") else ts
     return _dt.datetime.fromisoformat(text).timestamp()
+
+
+# ---- the schedule log ------------------------------------------------------------
+#
+# `<state-dir>/schedules.jsonl`: every schedule's life and every decision about one
+# of its slots, appended and fsync'd by the engine before it acts on them (a run of
+# a slot is created only once its `SlotFired` is durable). Same rules as run events.
+# A schedule is known by (`owner_uid`, `name`); `seq` counts the whole file.
+
+
+class ScheduleAdded(Event, tag=True, kw_only=True):
+    """A schedule exists: when (`cron` in `tz`, or `every` seconds from `anchor`), its
+    policies, and the submission its runs are made of (workflow text and context)."""
+
+    name: str
+    owner: str
+    owner_uid: int
+    gid: int
+    cron: str | None = None
+    every: float | None = None
+    tz: str = "UTC"
+    anchor: float
+    catch_up: str = "latest"
+    max_catch_up: int = 10
+    overlap: str = "skip"
+    workflow: str
+    source: str
+    base_dir: str
+    env: dict[str, str] = {}
+    umask: int = 0o022
+    vars: dict[str, str] = {}
+
+
+class ScheduleUpdated(Event, tag=True, kw_only=True):
+    """`schedule update NAME FILE`: later runs use this workflow."""
+
+    name: str
+    owner_uid: int
+    workflow: str
+    source: str
+    base_dir: str
+
+
+class SchedulePaused(Event, tag=True, kw_only=True):
+    name: str
+    owner_uid: int
+
+
+class ScheduleUnpaused(Event, tag=True, kw_only=True):
+    """Slots that fell while paused are recorded skipped (`paused`) just before this."""
+
+    name: str
+    owner_uid: int
+
+
+class ScheduleRemoved(Event, tag=True, kw_only=True):
+    name: str
+    owner_uid: int
+
+
+class SlotFired(Event, tag=True, kw_only=True):
+    """Slot `slot` (epoch seconds) is run `run_id`: durable before that run is created,
+    which carries `schedule` and `slot` in its RunCreated. `manual`: `schedule fire`,
+    a slot of its own outside the schedule's series."""
+
+    name: str
+    owner_uid: int
+    slot: float
+    run_id: str
+    manual: bool = False
+
+
+class SlotQueued(Event, tag=True, kw_only=True):
+    """Overlap `queue`: slot `slot` fires when the schedule's unfinished runs are over."""
+
+    name: str
+    owner_uid: int
+    slot: float
+
+
+class SlotSkipped(Event, tag=True, kw_only=True):
+    """The slots from `slot` to `until` (both included) get no run, because `reason`
+    (missed, missed over --max-catch-up, overlap, paused)."""
+
+    name: str
+    owner_uid: int
+    slot: float
+    until: float
+    reason: str
+
+
+class SlotsSettled(Event, tag=True, kw_only=True):
+    """Every `SlotFired` up to seq `upto` has its run (its RunCreated is durable): only
+    a later one can be an intent without its run. Written once those runs are created,
+    so that a run removed since (`wfctl prune`) is never taken for a missing one."""
+
+    upto: int
+
+
+AnyScheduleEvent = Union[  # noqa: UP007
+    ScheduleAdded, ScheduleUpdated, SchedulePaused, ScheduleUnpaused, ScheduleRemoved,
+    SlotFired, SlotQueued, SlotSkipped, SlotsSettled,
+]
+schedule_decoder = msgspec.json.Decoder(AnyScheduleEvent)

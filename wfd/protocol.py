@@ -199,9 +199,52 @@ class PoolSet(Message):
     limit: NonNegative
 
 
+class ScheduleAdd(Message):
+    """A new schedule of the peer's: slots by `cron` (in `tz`, an IANA zone) or `every`
+    seconds from now; its runs are this workflow in this context, as `Submit`'s."""
+
+    name: str
+    workflow: str
+    source: str
+    base_dir: str
+    env: dict[str, str]
+    umask: Umask
+    vars: dict[str, str] = {}
+    cron: str | None = None
+    every: float | None = None
+    tz: str = "UTC"
+    catch_up: str = "latest"
+    max_catch_up: NonNegative = 10
+    overlap: str = "skip"
+
+
+class ScheduleUpdate(Message):
+    """Later runs of the schedule use this workflow (and its file's name and directory)."""
+
+    name: str
+    workflow: str
+    source: str
+    base_dir: str
+
+
+class ScheduleCommand(Message):
+    """`action` one of `pause`, `unpause`, `remove` (answered `Ok`) or `fire` (a run now,
+    answered `Submitted`)."""
+
+    name: str
+    action: str
+
+
+class ScheduleList(Message):
+    """The peer's schedules (all of them for root), or the one named."""
+
+    name: str | None = None
+
+
 Request = Union[  # noqa: UP007
     Hello, Submit, Status, Cancel, Replay, Resume, ResumeAll, Watch, Logs, Rerun, Retry,
     Prune, Shutdown, PoolList, PoolSet,
+    ScheduleAdd, ScheduleUpdate, ScheduleCommand, ScheduleList,
 ]
 
 # ---- replies --------------------------------------------------------------
@@ -327,6 +370,35 @@ class LogEnd(Message):
     step_state: str
 
 
+class ScheduleView(msgspec.Struct):
+    """One schedule as `schedule list --json` shows it. Times are UTC RFC 3339."""
+
+    name: str
+    owner: str
+    cron: str | None
+    every: float | None
+    tz: str
+    catch_up: str
+    max_catch_up: int
+    overlap: str
+    paused: bool
+    added_at: str
+    workflow: str  # the workflow's name
+    next_at: str | None  # the next slot (null while paused)
+    last_slot: str | None  # the newest slot decided
+    queued: str | None  # a slot waiting for the previous run (overlap queue)
+    last_run: str | None
+    last_run_state: str | None
+    vars: dict[str, str]
+    env: list[str]  # the names of the stored variables (not their values)
+
+
+class Schedules(Message):
+    """Schedules, by name."""
+
+    schedules: list[ScheduleView]
+
+
 # ---- parts of long replies (see the module docstring) ------------------------
 
 
@@ -379,7 +451,7 @@ class Pools(Message):
 Reply = Union[  # noqa: UP007
     Error, Ok, HelloReply, Submitted, RunInfo, RunList, Cancelled, Replayed, Resumed,
     Retried, Pruned, Progress, RunEnded, LogData, LogEnd, RunsPart, StepsPart, ReplayPart,
-    Fragment, Pools,
+    Fragment, Pools, Schedules,
 ]
 
 _envelope_decoder = msgspec.msgpack.Decoder(Envelope)

@@ -27,15 +27,18 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 
-from wfd import __version__, channel, history, retention, runref
+from wfd import __version__, channel, history, retention, runref, store
 from wfd import events as ev
 from wfd import protocol as p
+from wfd import schedules as sch
 from wfd import state as st
 from wfd.channel import Budget, Channel, Close
 from wfd.engine import Engine
 from wfd.errors import EXIT_UNREACHABLE, UsageError, WfdError
 from wfd.eventlog import open_file, valid_run_id
 from wfd.replay import Replay, events_after
+from wfd.schedlog import Sched
+from wfd.scheduling import Scheduling, owner_of
 from wfd.users import describe as user_name
 from wfd.users import in_group
 from wfd.workflow import MAX_PARALLEL, POOL_RE, STEP_ID_RE, env_problems
@@ -101,6 +104,9 @@ class Server:
             p.ResumeAll: self.resume_all, p.Watch: self.watch, p.Logs: self.logs,
             p.Rerun: self.rerun, p.Retry: self.retry, p.Prune: self.prune,
             p.Shutdown: self.shutdown, p.PoolList: self.pool_list, p.PoolSet: self.pool_set,
+            p.ScheduleAdd: self.schedule_add,
+            p.ScheduleUpdate: self.schedule_update, p.ScheduleCommand: self.schedule_command,
+            p.ScheduleList: self.schedule_list,
         }
 
     @staticmethod
@@ -288,6 +294,74 @@ class Server:
                     yield p.RunsPart(group)
 
         await send.send_parts(parts())
+
+    # ---- schedules: each belongs to its owner; others see it as unknown --------
+
+    def _schedules(self) -> Scheduling:
+        if self.engine.schedules is None:
+            raise UsageError("this wfd has no schedules")
+        return self.engine.schedules
+
+    def _owner(self, peer: Peer) -> int:
+        return owner_of(self.system, self.uid, peer.uid)
+
+    async def schedule_add(self, peer: Peer, req: p.ScheduleAdd, send: Channel) -> None:
+        check_submission(req)  # the same context fields as a Submit's
+        fields = {f: getattr(req, f) for f in (
+            "workflow", "source", "base_dir", "env", "umask", "vars", "cron", "every", "tz",
+            "catch_up", "max_catch_up", "overlap")}
+        gid = peer.gid if self.system else os.getgid()
+        sched = await self._schedules().add(self._owner(peer), gid, req.name, fields)
+        await send(p.Schedules([self.schedule_view(sched)]))
+
+    async def schedule_update(self, peer: Peer, req: p.ScheduleUpdate, send: Channel) -> None:
+        if "\0" in req.base_dir or not os.path.isabs(req.base_dir):
+            raise UsageError(f"bad request: base_dir must be an absolute path, got "
+                             f"{_shown(req.base_dir)}")
+        sched = await self._schedules().update(self._owner(peer), req.name, req.workflow,
+                                               req.source, req.base_dir)
+        await send(p.Schedules([self.schedule_view(sched)]))
+
+    async def schedule_command(self, peer: Peer, req: p.ScheduleCommand,
+                               send: Channel) -> None:
+        schedules, owner = self._schedules(), self._owner(peer)
+        if req.action == "fire":
+            await send(p.Submitted(await schedules.fire(owner, req.name)))
+            return
+        if req.action in ("pause", "unpause"):
+            await schedules.pause(owner, req.name, req.action == "pause")
+        elif req.action == "remove":
+            await schedules.remove(owner, req.name)
+        else:
+            raise UsageError(f"bad request: unknown schedule action {_shown(req.action)}")
+        await send(p.Ok())
+
+    async def schedule_list(self, peer: Peer, req: p.ScheduleList, send: Channel) -> None:
+        schedules = self._schedules()
+        if req.name is not None:
+            shown = [schedules.get(self._owner(peer), req.name)]
+        else:
+            everyone = peer.root and self.system
+            shown = schedules.visible(None if everyone else self._owner(peer))
+        views = [self.schedule_view(s) for s in sorted(shown, key=lambda s: s.key[1])]
+        await send(p.Schedules(views))
+
+    def schedule_view(self, sched: Sched) -> p.ScheduleView:
+        a = sched.added
+        last = self.engine.runs.get(sched.last_run) if sched.last_run else None
+        stub = self.engine.stubs.get(sched.last_run) if sched.last_run else None
+        state = last.state if last is not None else (stub.summary.state if stub else None)
+        next_at = None
+        if not sched.paused:
+            after = max(self.engine.clock.now(), sched.last_slot or a.anchor)
+            next_at = ev.format_ts(sch.next_slot(sched.timing, after))
+        return p.ScheduleView(
+            name=a.name, owner=a.owner, cron=a.cron, every=a.every, tz=a.tz,
+            catch_up=a.catch_up, max_catch_up=a.max_catch_up, overlap=a.overlap,
+            paused=sched.paused, added_at=a.ts, workflow=store.default_name(sched.source),
+            next_at=next_at, last_slot=_ts(sched.last_slot), queued=_ts(sched.queued),
+            last_run=sched.last_run, last_run_state=state, vars=a.vars, env=sorted(a.env),
+        )
 
     async def cancel(self, peer: Peer, req: p.Cancel, send: Channel) -> None:
         run = await self.run_for(peer, req.run_id)
@@ -499,21 +573,26 @@ def _with_steps(msg: p.Message, status: st.RunStatus | None, run: st.RunState | 
             yield p.StepsPart(dict(group))
 
 
+def _ts(epoch: float | None) -> str | None:
+    return None if epoch is None else ev.format_ts(epoch)
+
+
 def _shown(text: str, limit: int = 80) -> str:
     """A client-supplied string quoted for a message, cut short if long."""
     return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
-def check_submission(req: p.Submit) -> None:
+def check_submission(req: p.Submit | p.ScheduleAdd) -> None:
     """What the workflow parser does not check: the client's context. The daemon never
     opens `base_dir`; it is only the step's working directory, entered by the step."""
     problems = []
     if "\0" in req.base_dir or not os.path.isabs(req.base_dir):
         problems.append(f"base_dir must be an absolute path, got {_shown(req.base_dir)}")
     problems += [f"env{where}: {why}" for where, why in env_problems(req.env)]
-    if req.key is not None and not KEY_RE.fullmatch(req.key):
+    key = getattr(req, "key", None)  # a ScheduleAdd has the same context, and no key
+    if key is not None and not KEY_RE.fullmatch(key):
         problems.append(f"key must be 1 to {MAX_KEY} printable characters, "
-                        f"got {_shown(req.key)}")
+                        f"got {_shown(key)}")
     problems += vars_problems(req.vars)
     if problems:
         raise UsageError("bad request: " + "; ".join(problems[:5]))
