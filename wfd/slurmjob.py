@@ -146,7 +146,16 @@ def main() -> int:
         print(f"wfd slurmjob: bad attempt spec: {exc}", file=sys.stderr)
         return 2
     sys.stdin.close()
-    record = asyncio.run(supervise(spec))
+    try:
+        record = asyncio.run(supervise(spec))
+    except Exception as exc:  # noqa: BLE001 - a record that says so beats a lost attempt
+        from wfd.keeper import ExitRecord
+
+        print(f"wfd slurmjob: {exc!r}", file=sys.stderr)
+        now = time.time()
+        record = ExitRecord(run_id=spec.run_id, step=spec.step, attempt=spec.attempt,
+                            why="start-failed", error=f"wfd's Slurm supervisor failed: {exc!r}",
+                            started_at=now, ended_at=now)
     try:
         write_record(spec.record, record)
     except OSError as exc:  # in the job's output, which is the attempt's log
