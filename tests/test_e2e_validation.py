@@ -208,7 +208,7 @@ def test_not_utf8(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
 
 @pytest.mark.parametrize("argv", [
     ["--bogus"], ["frobnicate"], ["run"], ["run", "a.json", "--bogus"],
-    ["status", "--nope"], ["logs", "r1"], ["logs", "r1", "a", "--attempt", "0"],
+    ["status", "--nope"], ["logs", "r1", "--attempt", "1"], ["logs", "r1", "a", "--attempt", "0"],
     ["logs", "r1", "a", "--attempt", "x"], ["cancel"], ["replay"], ["resume"],
     ["validate", "a.json", "b.json"], [],
 ])

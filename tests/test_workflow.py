@@ -328,7 +328,7 @@ def test_unknown_fields_at_every_level() -> None:
         "$.defaults.depends_on: unknown field",
         "$.defaults.backoff.min: unknown field",
         "$.steps[1].colour: unknown field",
-        "$.steps[1].backoff.initail: unknown field",
+        "$.steps[1].backoff.initail: unknown field; did you mean 'initial'?",
     ]
 
 
@@ -758,7 +758,7 @@ def test_missing_fields_come_before_the_objects_other_problems() -> None:
     assert problems(doc) == [
         '$: missing required field "steps"',
         "$.colour: unknown field",
-        "$.steps_: unknown field",
+        "$.steps_: unknown field; did you mean 'steps'?",
     ]
 
 

@@ -112,13 +112,22 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         if message.startswith("argument COMMAND: invalid choice: "):
-            message = "unknown command " + message.split(": ", 2)[2]
+            message = "unknown command " + _near_command(message.split(": ", 2)[2])
         raise UsageError(f"error: {message} (see wfctl --help)")
 
     def exit(self, status: int = 0, message: str | None = None) -> None:  # type: ignore[override]
         if message:
             say(message.rstrip("\n"))
         raise _Exit(status)
+
+
+def _near_command(text: str) -> str:
+    """argparse's "'stauts' (choose from ...)" with "did you mean 'status'?" first."""
+    import difflib
+
+    word = text.split(" (choose from", 1)[0].strip("'")
+    near = difflib.get_close_matches(word, [name for name, _, _ in _COMMANDS], n=1)
+    return f"{text[:len(word) + 2]}; did you mean {near[0]!r}?" if near else text
 
 
 def _positive(text: str) -> int:
@@ -178,17 +187,18 @@ def _port(text: str) -> int:
     return int(text)
 
 
-def _common(parser: argparse.ArgumentParser, top: bool) -> None:
-    """--socket and --no-autostart, accepted before and after the command name."""
+def _common(parser: argparse.ArgumentParser, top: bool, shown: bool = True) -> None:
+    """--socket and --no-autostart, accepted before and after the command name (SPEC 5:
+    every command); not `shown` in the help of a command that needs no daemon."""
     # Below the command the default is SUPPRESS, so an option given before it survives.
     default = None if top else argparse.SUPPRESS
     parser.add_argument("--socket", metavar="PATH", default=default,
                         help="the daemon's socket (default: $WFD_SOCKET, the user daemon's, "
-                             "then the system daemon's)")
+                             "then the system daemon's)" if shown else argparse.SUPPRESS)
     parser.add_argument("--no-autostart", action="store_true",
                         default=False if top else argparse.SUPPRESS,
                         help="do not start a daemon when none answers "
-                             "(also WFD_NO_AUTOSTART=1)")
+                             "(also WFD_NO_AUTOSTART=1)" if shown else argparse.SUPPRESS)
 
 
 def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
@@ -205,7 +215,7 @@ def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
         if full:
             for flags, kwargs in args:
                 cmd.add_argument(*flags, **kwargs)
-            _common(cmd, top=False)
+            _common(cmd, top=False, shown=name not in OFFLINE)
             if name == "schedule":
                 from wfctl import schedcli
 
@@ -228,6 +238,7 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 _JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
+OFFLINE = frozenset({"validate"})  # commands that never talk to a daemon: no --socket
 TAIL_LINES = 10
 _TAIL = (("--tail",), {"metavar": "N", "type": _count_or_zero, "default": TAIL_LINES,
                        "help": f"show the last N lines of each failed step's log under the "
@@ -239,7 +250,7 @@ _WAIT = [(("--wait",), {"action": "store_true", "help": "wait until the run ends
                           "help": "wait, and show each transition on stderr"})]
 _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
     ("validate", "check a workflow file; no daemon needed",
-     [(("file",), {"metavar": "FILE"})]),
+     [(("file",), {"metavar": "FILE"}), _JSON]),
     ("run", "submit a workflow; print its run id",
      [(("file",), {"metavar": "FILE"}),
       (("vars",), {"metavar": "KEY=VALUE", "nargs": "*",
@@ -265,21 +276,21 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                       "help": "only the newest N (default: 20 in the table, all in JSON)"}),
       (("--all",), {"action": "store_true", "help": "every run, not the newest 20"}),
       _TAIL]),
-    ("cancel", "cancel a run", [_RUN_ID]),
+    ("cancel", "cancel a run", [_RUN_ID, _JSON]),
     ("replay", "re-fold a run's event log and check it", [_RUN_ID, _JSON]),
-    ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID, *_WAIT]),
+    ("resume", "continue a FAILED or CANCELLED run", [_RUN_ID, *_WAIT, _JSON]),
     ("retry", "run steps of a finished run again, in that run (the others keep their "
               "results)",
      [_RUN_ID, (("steps",), {"metavar": "STEP", "nargs": "+", "help": "a step to run again"}),
       (("--downstream",), {"action": "store_true",
                            "help": "and every step after them"}),
-      *_WAIT]),
+      *_WAIT, _JSON]),
     ("rerun", "run a run's workflow again, as a new run (same directory, environment and "
               "variables; KEY=VALUE over them); print its run id",
      [_RUN_ID, (("vars",), {"metavar": "KEY=VALUE", "nargs": "*",
                             "help": "a variable of every step, over the run's own"}),
       *_WAIT]),
-    ("resume-all", "resume every unfinished run the daemon is not running", []),
+    ("resume-all", "resume every unfinished run the daemon is not running", [_JSON]),
     ("logs", "print a step attempt's output, or without STEP every step's, line by line "
              "prefixed with its step",
      [_RUN_ID, (("step",), {"metavar": "STEP", "nargs": "?",
@@ -302,7 +313,8 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
     ("shutdown", "stop the daemon as SIGTERM would (running steps go on)",
      [(("--stop-steps",), {"action": "store_true",
                            "help": "stop the running steps first (they run again on the "
-                                   "next start)"})]),
+                                   "next start)"}),
+      _JSON]),
     ("pool", "list the daemon's shared pools, or set one's limit: pool list | pool set NAME N",
      [(("action",), {"choices": ("list", "set"), "metavar": "list|set"}),
       (("name",), {"metavar": "NAME", "nargs": "?"}),
@@ -417,6 +429,8 @@ def _event_line(event: object) -> str:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    if args.json:
+        return _validate_json(args.file)
     _, workflow = load_workflow(args.file)
     steps = len(workflow.steps)
     out(f"{args.file}: ok ({steps} step{'' if steps == 1 else 's'})")
@@ -429,6 +443,25 @@ def cmd_validate(args: argparse.Namespace) -> int:
         for line in table(["PARAM", "DEFAULT", "DESCRIPTION"], rows):
             out(line)
     return EXIT_OK
+
+
+def _validate_json(path: str) -> int:
+    """`{"file", "ok", "steps", "problems"}` on stdout, exit 0 or 2: for editors and CI."""
+    import contextlib
+    import io
+
+    problems = io.StringIO()
+    steps = None
+    try:
+        with contextlib.redirect_stderr(problems):
+            steps = len(load_workflow(path)[1].steps)
+    except _Exit:
+        pass
+    except UsageError as e:  # unreadable: one problem like any other
+        problems.write(e.message + "\n")
+    found = problems.getvalue().splitlines()
+    _print_json({"file": path, "ok": not found, "steps": steps, "problems": found})
+    return EXIT_USAGE if found else EXIT_OK
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -640,7 +673,10 @@ def cmd_cancel(args: argparse.Namespace) -> int:
 
     reply = _connect(args).call(protocol.Cancel(run_id=args.run_id), protocol.Cancelled)
     run_id = reply.run_id or args.run_id  # type: ignore[attr-defined]
-    if reply.was_finished:  # type: ignore[attr-defined]
+    if args.json:
+        _print_json({"run_id": run_id, "state": reply.state,  # type: ignore[attr-defined]
+                     "was_finished": reply.was_finished})  # type: ignore[attr-defined]
+    elif reply.was_finished:  # type: ignore[attr-defined]
         say(f"run {run_id} already finished: {reply.state}")  # type: ignore[attr-defined]
     else:
         say(f"run {run_id} cancelled")
@@ -687,7 +723,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
     conn = _connect(args)
     reply = conn.call(protocol.Resume(run_id=args.run_id), protocol.Resumed)
-    _report_resumed(reply.run_ids)  # type: ignore[attr-defined]
+    _report_resumed(reply.run_ids, args.json)  # type: ignore[attr-defined]
     [run_id] = reply.run_ids  # type: ignore[attr-defined]
     return _wait_if_asked(args, conn, run_id, reply.after_seq.get(run_id, 0))  # type: ignore[attr-defined]
 
@@ -698,7 +734,10 @@ def cmd_retry(args: argparse.Namespace) -> int:
     conn = _connect(args)
     request = protocol.Retry(run_id=args.run_id, steps=args.steps, downstream=args.downstream)
     reply = conn.call(request, protocol.Retried)
-    say(f"run {reply.run_id} retrying {', '.join(reply.steps)}")  # type: ignore[attr-defined]
+    if args.json:
+        _print_json({"run_id": reply.run_id, "steps": reply.steps})  # type: ignore[attr-defined]
+    else:
+        say(f"run {reply.run_id} retrying {', '.join(reply.steps)}")  # type: ignore[attr-defined]
     return _wait_if_asked(args, conn, reply.run_id, reply.after_seq)  # type: ignore[attr-defined]
 
 
@@ -716,10 +755,14 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 def cmd_resume_all(args: argparse.Namespace) -> int:
     from wfd import protocol
 
-    return _report_resumed(_connect(args).call(protocol.ResumeAll(), protocol.Resumed).run_ids)
+    reply = _connect(args).call(protocol.ResumeAll(), protocol.Resumed)
+    return _report_resumed(reply.run_ids, args.json)  # type: ignore[attr-defined]
 
 
-def _report_resumed(run_ids: list[str]) -> int:
+def _report_resumed(run_ids: list[str], json: bool = False) -> int:
+    if json:
+        _print_json({"run_ids": run_ids})
+        return EXIT_OK
     for run_id in run_ids:
         say(f"run {run_id} resumed")
     if not run_ids:
@@ -794,6 +837,9 @@ def cmd_shutdown(args: argparse.Namespace) -> int:
     # Starting a daemon only to stop it helps nobody.
     _connect(args, autostart=False).call(protocol.Shutdown(stop_steps=args.stop_steps),
                                          protocol.Ok)
+    if args.json:
+        _print_json({"stopping": True, "stop_steps": args.stop_steps})
+        return EXIT_OK
     say("wfd stopping" + (" its steps, then itself" if args.stop_steps else
                           "; running steps go on"))
     return EXIT_OK

@@ -61,12 +61,31 @@ class _Parser(argparse.ArgumentParser):
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = _Parser(prog="wfd", description="the wfd workflow daemon")
-    parser.add_argument("--version", action="version", version=f"wfd {__version__}")
-    parser.add_argument("--state-dir")
-    parser.add_argument("--socket")
-    parser.add_argument("--max-parallel", type=int, default=2 * (os.cpu_count() or 1))
-    parser.add_argument("--no-resume", action="store_true")
+    parser = _Parser(
+        prog="wfd", usage="wfd [OPTIONS]\n       wfd install-units [--user] [--print]",
+        description="wfd, the durable workflow daemon: runs the workflows wfctl submits, "
+                    "and resumes unfinished runs when it starts.",
+        epilog="wfd install-units [--user] [--print]: write systemd units (wfd.service, "
+               "wfd.socket) whose ExecStart is this wfd, to /etc/systemd/system, or with "
+               "--user to ~/.config/systemd/user; --print shows them instead. "
+               "See `wfd install-units --help`.")
+    parser.add_argument("--version", action="version", version=f"wfd {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where runs are kept (default: $WFD_STATE_DIR, systemd's "
+                             "$STATE_DIRECTORY, else the user state dir; /var/lib/wfd with "
+                             "--system)")
+    parser.add_argument("--socket", metavar="PATH",
+                        help="the socket to serve (default: $WFD_SOCKET, "
+                             "$RUNTIME_DIRECTORY/wfd.sock, else $XDG_RUNTIME_DIR/wfd/wfd.sock; "
+                             "/run/wfd/wfd.sock with --system)")
+    parser.add_argument("--max-parallel", type=int, default=2 * (os.cpu_count() or 1),
+                        metavar="N",
+                        help="most steps running at once, all runs together (default: twice "
+                             "the CPUs)")
+    parser.add_argument("--no-resume", action="store_true",
+                        help="do not pick up unfinished runs at start: they wait for "
+                             "`wfctl resume` or `wfctl resume-all`")
     parser.add_argument("--max-kill-grace", type=float, default=MAX_KILL_GRACE,
                         metavar="SECONDS",
                         help="cap on a step's kill_grace for runs not owned by root "
@@ -92,10 +111,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                              "share across all runs and users; repeatable. `wfctl pool set "
                              "NAME N` changes it at run time, and that wins over this option "
                              "(across restarts) until this option's value for NAME changes")
-    parser.add_argument("--system", action="store_true")
-    parser.add_argument("--socket-group", default="wfd")
+    parser.add_argument("--system", action="store_true",
+                        help="the machine's daemon (run as root by systemd): serves root and "
+                             "the --socket-group; each run's steps run as its submitter")
+    parser.add_argument("--socket-group", default="wfd", metavar="NAME",
+                        help="with --system, the group whose members may use the socket "
+                             "(default: wfd)")
     parser.add_argument("--log-level", default="info",
-                        choices=["debug", "info", "warning", "error"])
+                        choices=["debug", "info", "warning", "error"],
+                        help="what goes to stderr (the journal): default info, one line per "
+                             "run and step transition")
     args = parser.parse_args(argv)
     if args.max_parallel < 1:
         parser.error("--max-parallel must be at least 1")

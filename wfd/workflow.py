@@ -76,7 +76,7 @@ import json
 import math
 import re
 from collections import deque
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 
 import msgspec
@@ -513,6 +513,15 @@ def _enc_big(value: object) -> msgspec.Raw:
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
+def unknown_field(key: str, known: Iterable[str]) -> str:
+    """`unknown field; did you mean 'command'?` when a known field is near (a typo);
+    a long key is not compared, so a huge key costs nothing."""
+    import difflib
+
+    near = difflib.get_close_matches(key, list(known), n=1) if len(key) <= 64 else []
+    return f"unknown field; did you mean {near[0]!r}?" if near else "unknown field"
+
+
 def _key(key: str) -> str:
     """The path suffix for an object key: `.retries`, or `["odd key"]`."""
     if _PLAIN_KEY.fullmatch(key):
@@ -646,7 +655,7 @@ def _check_slurm(v: object) -> dict[str, object]:
     for key, value in v.items():
         check = _SLURM_CHECKS.get(key)
         if check is None:
-            items.append((_key(key), "unknown field"))
+            items.append((_key(key), unknown_field(key, _SLURM_CHECKS)))
             continue
         try:
             out[key] = check(value)
@@ -729,7 +738,8 @@ def _check_param(v: object) -> Param:
     items: list[tuple[str, str]] = []
     for key, value in v.items():
         if key not in ("default", "required", "description"):
-            items.append((_key(key), "unknown field"))
+            items.append((_key(key), unknown_field(key, ("default", "required",
+                                                         "description"))))
         elif key == "required" and type(value) is not bool:
             items.append((_key(key), f"expected true or false, got {_show(value)}"))
         elif key != "required" and type(value) is not str:
@@ -844,7 +854,7 @@ def _check_backoff(v: object) -> dict[str, float]:
     for key, value in v.items():
         check = _BACKOFF_CHECKS.get(key)
         if check is None:
-            items.append((_key(key), "unknown field"))
+            items.append((_key(key), unknown_field(key, _BACKOFF_CHECKS)))
             continue
         try:
             out[key] = check(value)
@@ -937,7 +947,8 @@ class _Validator:
         elif key in _TOP_CHECKS:
             self._field(self.top, key, value, "$", _TOP_CHECKS[key])
         else:
-            self.problems.append(f"${_key(key)}: unknown field")
+            known = ("steps", "defaults", *_TOP_CHECKS)
+            self.problems.append(f"${_key(key)}: {unknown_field(key, known)}")
 
     def _field(
         self, out: dict[str, object], key: str, value: object, path: str, check: Callable
@@ -960,7 +971,7 @@ class _Validator:
         for key, v in value.items():
             check = checks.get(key)
             if check is None:
-                self.problems.append(f"{path}{_key(key)}: unknown field")
+                self.problems.append(f"{path}{_key(key)}: {unknown_field(key, checks)}")
             else:
                 self._field(out, key, v, path, check)
         return out
@@ -1004,7 +1015,9 @@ class _Validator:
             else:
                 check = _STEP_CHECKS.get(key)
                 if check is None:
-                    self.problems.append(f"$.steps[{i}]{_key(key)}: unknown field")
+                    known = ("id", "depends_on", *_STEP_CHECKS)
+                    self.problems.append(f"$.steps[{i}]{_key(key)}: "
+                                         f"{unknown_field(key, known)}")
                 else:  # checked here, converted by _Merger once all is well
                     try:
                         check(value)
