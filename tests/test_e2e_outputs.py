@@ -172,6 +172,28 @@ def test_outputs_survive_a_kill_9_between_producer_and_consumer(
 
 
 @pytest.mark.timeout(120)
+def test_the_next_keeper_removes_what_a_killed_keeper_left(
+        daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
+    wf = write_workflow(wfd_tmp, {"steps": [{
+        "id": "held", "on_lost": "fail",
+        "command": 'echo "$WFD_OUTPUT" > path; echo A=1 >> "$WFD_OUTPUT"; echo $$ > pid; '
+                   "exec sleep 60"}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    pid = int(wait_until(lambda: lines(wfd_tmp / "pid"), 30, message="the step's pid")[0])
+    left = Path(lines(wfd_tmp / "path")[0])
+    d.kill()
+    d.kill_keeper()  # as a reboot would, but the step is still there: end it
+    os.kill(pid, 9)
+    assert left.exists()
+    d.start()
+    wait_for_state(d, run_id, "FAILED")
+    d.submit(write_workflow(wfd_tmp, {"steps": [{"id": "a", "command": "true"}]}, "b.json"),
+             "--wait")
+    assert not left.parent.parent.exists()
+
+
+@pytest.mark.timeout(120)
 def test_resume_does_not_recompute_outputs(daemon: Callable[..., Daemon],
                                            wfd_tmp: Path) -> None:
     wf = write_workflow(wfd_tmp, {"steps": [

@@ -313,3 +313,27 @@ def test_another_users_directory_is_theirs(dirs: OutputDirs) -> None:
     os.chown(out.path, nobody.pw_uid, nobody.pw_gid)
     assert out.read() == b"A=1\n"
     out.remove()
+
+
+def test_the_next_keeper_of_a_state_dir_sweeps_what_a_dead_one_left(tmp_path) -> None:
+    target = tmp_path / "target"
+    target.write_text("keep me\n")
+    dead = OutputDirs("t35t")  # a keeper killed with attempts running: never closed
+    left = dead.new_file(None)
+    with open(left.path, "w") as f:
+        f.write("A=1\n")
+    os.symlink(target, os.path.join(os.path.dirname(left.path), "link"))
+    other = OutputDirs("0th3r")  # another state dir's keeper, alive
+    theirs = other.new_file(None)
+    try:
+        after = OutputDirs("t35t")
+        mine = after.new_file(None)
+        assert not os.path.exists(dead.base)
+        assert target.read_text() == "keep me\n"  # the link went, not what it named
+        assert os.path.isdir(other.base) and os.path.isdir(os.path.dirname(mine.path))
+        mine.remove()
+        after.close()
+    finally:
+        theirs.remove()
+        other.close()
+        left.remove()

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import hashlib
 import logging
 import os
 import signal
@@ -314,7 +315,8 @@ class Keeper:
         self.writer: asyncio.StreamWriter | None = None
         self.started: dict[AttemptKey, float] = {}  # wall-clock start times
         self.timers: dict[AttemptKey, asyncio.TimerHandle] = {}
-        self.outdirs = OutputDirs()
+        # Tagged with the state dir, so the next keeper of it removes what this one leaves.
+        self.outdirs = OutputDirs(hashlib.sha256(os.fsencode(keeper_dir)).hexdigest()[:8])
         self.outfiles: dict[AttemptKey, OutputFile] = {}  # each running attempt's $WFD_OUTPUT
         self._ends: list[ExitRecord] = []
         self._flush_scheduled = False

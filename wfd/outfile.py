@@ -15,7 +15,9 @@ from the directory's descriptor with O_PATH|O_NOFOLLOW (no side effect, and a sy
 refused, never followed), must be a regular file owned by the step's user (a hard link
 to another user's file is refused), and only then is it opened for reading, at most
 `MAX_OUTPUT + 1` bytes. Then it is removed. A keeper killed while attempts run leaves
-its directory behind (the temp dir's cleaner removes it); nothing reads it again.
+its directory behind; the next keeper of the same state dir (its name carries a tag of
+the state dir's) removes it when it makes its own: only one keeper per state dir runs
+(its lock), so another directory with that tag is a dead keeper's.
 """
 
 from __future__ import annotations
@@ -85,7 +87,8 @@ class OutputFile:
 class OutputDirs:
     """The keeper's output directories: its own, and one per step user in it."""
 
-    def __init__(self) -> None:
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag  # names the state dir: "" for no sweep of old directories
         self.base: str | None = None
         self._users: dict[int, tuple[int, int, int]] = {}  # uid -> (dir fd, st_dev, st_ino)
 
@@ -109,8 +112,11 @@ class OutputDirs:
             del self._users[uid]  # gone (a temp dir cleaner): made again below
             os.close(known[0])
         if self.base is None or not os.path.isdir(self.base):
-            self.base = tempfile.mkdtemp(prefix="wfd-out-")
+            prefix = f"wfd-out-{self.tag}-" if self.tag else "wfd-out-"
+            self.base = tempfile.mkdtemp(prefix=prefix)
             os.chmod(self.base, 0o711)  # users pass through to their own directory only
+            if self.tag:
+                sweep(prefix, self.base)
         base_fd = os.open(self.base, _DIR)
         try:
             name = f"u{uid}"
@@ -149,3 +155,48 @@ class OutputDirs:
                 pass
             else:
                 self.base = None
+
+
+def sweep(prefix: str, keep: str) -> None:
+    """Remove what dead keepers of this state dir left in the temp dir: directories named
+    `prefix...` of this user's, but `keep`. In a user's directory only what is not a
+    directory is removed (unlink follows no symlink); what is left stays."""
+    parent = os.path.dirname(keep)
+    for name in os.listdir(parent):
+        path = os.path.join(parent, name)
+        if not name.startswith(prefix) or path == keep:
+            continue
+        try:
+            base_fd = os.open(path, _DIR)
+        except OSError:
+            continue
+        try:
+            if os.fstat(base_fd).st_uid != os.geteuid():
+                continue
+            for user_dir in os.listdir(base_fd):
+                _empty(base_fd, user_dir)
+                try:
+                    os.rmdir(user_dir, dir_fd=base_fd)
+                except OSError:
+                    pass
+        finally:
+            os.close(base_fd)
+        try:
+            os.rmdir(path)
+        except OSError:
+            pass
+
+
+def _empty(base_fd: int, name: str) -> None:
+    try:
+        fd = os.open(name, _DIR, dir_fd=base_fd)
+    except OSError:
+        return
+    try:
+        for entry in os.listdir(fd):
+            try:
+                os.unlink(entry, dir_fd=fd)
+            except OSError:
+                pass
+    finally:
+        os.close(fd)
