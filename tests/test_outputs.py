@@ -337,3 +337,26 @@ def test_the_next_keeper_of_a_state_dir_sweeps_what_a_dead_one_left(tmp_path) ->
         theirs.remove()
         other.close()
         left.remove()
+
+
+def test_a_welcome_with_many_ends_full_of_outputs_can_be_read() -> None:
+    """A daemon down while 300 attempts each wrote 64 KiB of outputs: the keeper's welcome
+    (over 16 MiB) must still reach the next daemon, or it could never start."""
+    import asyncio
+
+    from wfd import keeper as k
+
+    value = "v" * (MAX_OUTPUT - 8)
+    ended = [k.ExitRecord(run_id="r", step=f"s{i}", attempt=1, exit_code=0,
+                          outputs={"K": value}) for i in range(300)]
+    data = k.frame(k.KWelcome(version=k.KEEPER_PROTOCOL, pid=1, running=[], ended=ended))
+    assert len(data) > 16 * 1024 * 1024
+
+    async def read() -> object:
+        reader = asyncio.StreamReader(limit=len(data) + 1)
+        reader.feed_data(data)
+        reader.feed_eof()
+        return k.decode_reply(await k.read_frame(reader))
+
+    welcome = asyncio.run(read())
+    assert len(welcome.ended) == 300 and welcome.ended[-1].outputs == {"K": value}

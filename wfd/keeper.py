@@ -53,7 +53,11 @@ log = logging.getLogger("wfd.keeper")
 
 KEEPER_PROTOCOL = 1
 HEADER = struct.Struct(">I")
-MAX_FRAME = 16 * 1024 * 1024
+# The keeper's one peer is the daemon of its state dir (a 0600 socket in a 0700 dir), so
+# the limit only guards against a damaged length. It is above the client protocol's 16 MiB:
+# a welcome carries every end not yet acknowledged, each with up to 64 KiB of outputs, and
+# a daemon that could not read it could never start (4,000 such ends fit).
+MAX_FRAME = 256 * 1024 * 1024
 SOCKET = "keeper.sock"
 LOCK = "lock"
 JOURNAL_PREFIX = "exits-"
