@@ -26,8 +26,9 @@ what each becomes under the catch-up and overlap policies:
   are recorded as skipped (one record for a range of slots);
 - overlap, judged against the schedule's runs from earlier decisions: `allow`
   fires regardless; `skip` records the slots as skipped while such a run is
-  unfinished; `queue` keeps the newest one as queued (one at most: a slot due
-  while one waits is skipped) and fires it when those runs are over.
+  unfinished; `queue` fires the newest one as a run that waits QUEUED in the
+  engine (issue 15's run state) and starts when those runs are over (one waits
+  at most: a slot due while one waits is skipped).
 """
 
 from __future__ import annotations

@@ -24,7 +24,9 @@ import msgspec
 
 from wfd import events as ev
 from wfd import schedules as sch
+from wfd import state as st
 from wfd import store
+from wfd.engine import Concurrency, _rule_of
 from wfd.errors import UsageError, WfdError
 from wfd.eventlog import Submission
 from wfd.params import resolve_vars
@@ -204,8 +206,12 @@ class Scheduling:
         fire = []
         if queued is not None and not busy:  # its turn: it fires, and a new slot overlaps it
             fire, busy, queued = [queued], True, None
-        decision = sch.decide(sched.timing, sched.policy, sched.last_slot, now, busy, queued)
+        waiting = self._waiting(sched)  # overlap queue: a run of ours QUEUED in the engine
+        decision = sch.decide(sched.timing, sched.policy, sched.last_slot, now, busy,
+                              queued if waiting is None else waiting)
         fire += decision.fire
+        if decision.queued is not None:  # a run now, QUEUED behind ours (issue 15's state)
+            fire.append(decision.queued)
         if not fire and decision.empty:
             return decision.next_at or now + 3600
         self.engine._refuse_new_runs()  # no intent we cannot follow with its run
@@ -218,9 +224,6 @@ class Scheduling:
         fired = [(slot, self.engine.new_run_id()) for slot in fire]
         events += [self._event(ev.SlotFired, name=name, owner_uid=uid, slot=slot, run_id=r)
                    for slot, r in fired]
-        if decision.queued is not None:
-            events.append(self._event(ev.SlotQueued, name=name, owner_uid=uid,
-                                      slot=decision.queued))
         await self._append(events)
         for slot, run_id in fired:
             await self._create(sched, run_id, slot)
@@ -234,6 +237,13 @@ class Scheduling:
         await self.engine.flushed()
         if self.book.settled < self.book.last_seq:
             await self._append([self._event(ev.SlotsSettled, upto=self.book.last_seq)])
+
+    def _waiting(self, sched: Sched) -> float | None:
+        """The slot of this schedule's run that is QUEUED, if one is."""
+        name, uid = sched.key[1], sched.key[0]
+        return next((run.slot for run in self.engine.runs.values()
+                     if run.schedule == name and run.owner_uid == uid
+                     and run.state == st.QUEUED), None)
 
     def _busy(self, sched: Sched) -> bool:
         """A run of this schedule is unfinished."""
@@ -271,12 +281,12 @@ class Scheduling:
             umask=a.umask, uid=a.owner_uid, gid=a.gid, owner=a.owner,
             submitted_at=ev.format_ts(self.engine.clock.now()),
         )
-        # The workflow's own concurrency holds: a slot over it waits QUEUED (its on_busy
-        # "skip" cannot refuse a slot whose decision is already on disk).
-        from wfd.engine import _rule_of  # the engine imports this module's user, not it
-
         rule = _rule_of(wf)
-        if rule is not None and rule.skip:
+        if a.overlap == "queue":  # one at a time: a slot's run waits QUEUED behind the last
+            rule = Concurrency(1, f"schedule:{a.name}")
+        elif rule is not None and rule.skip:
+            # The workflow's own concurrency holds: a slot over it waits QUEUED (on_busy
+            # "skip" cannot refuse a slot whose decision is on disk already).
             rule = dataclasses.replace(rule, skip=False)
         await self.engine.create_run(run_id, wf, sub, resolve_vars(wf, a.vars), rule=rule,
                                      schedule=a.name, slot=slot)

@@ -347,7 +347,7 @@ class Server:
         await send(p.Schedules(views))
 
     def schedule_view(self, sched: Sched) -> p.ScheduleView:
-        a = sched.added
+        a, schedules = sched.added, self._schedules()
         last = self.engine.runs.get(sched.last_run) if sched.last_run else None
         stub = self.engine.stubs.get(sched.last_run) if sched.last_run else None
         state = last.state if last is not None else (stub.summary.state if stub else None)
@@ -359,7 +359,8 @@ class Server:
             name=a.name, owner=a.owner, cron=a.cron, every=a.every, tz=a.tz,
             catch_up=a.catch_up, max_catch_up=a.max_catch_up, overlap=a.overlap,
             paused=sched.paused, added_at=a.ts, workflow=store.default_name(sched.source),
-            next_at=next_at, last_slot=_ts(sched.last_slot), queued=_ts(sched.queued),
+            next_at=next_at, last_slot=_ts(sched.last_slot),
+            queued=_ts(sched.queued if sched.queued is not None else schedules._waiting(sched)),
             last_run=sched.last_run, last_run_state=state, vars=a.vars, env=sorted(a.env),
         )
 
