@@ -360,3 +360,30 @@ def test_a_welcome_with_many_ends_full_of_outputs_can_be_read() -> None:
 
     welcome = asyncio.run(read())
     assert len(welcome.ended) == 300 and welcome.ended[-1].outputs == {"K": value}
+
+
+@settings(max_examples=300, deadline=None)
+@given(hs.data())
+def test_upstream_agrees_with_a_brute_force_closure_on_random_dags(data: hs.DataObject) -> None:
+    """Steps finish in a random topological order, some with outputs; each step, as it
+    starts, must get exactly the producers among its ancestors that finished before it,
+    with the memo kept while no producer is added and dropped when one is (the engine's
+    rule, `producers_seq`)."""
+    n = data.draw(hs.integers(1, 12))
+    deps = [sorted(data.draw(hs.sets(hs.integers(0, i - 1), max_size=3)) if i else [])
+            for i in range(n)]
+    makes_outputs = data.draw(hs.lists(hs.booleans(), min_size=n, max_size=n))
+    ancestors: list[set[int]] = []
+    for i in range(n):
+        ancestors.append(set().union(*({d} | ancestors[d] for d in deps[i])))
+    done: set[int] = set()
+    producers: set[int] = set()
+    memo: dict[int, frozenset[int]] = {}
+    while len(done) < n:
+        startable = [i for i in range(n) if i not in done and set(deps[i]) <= done]
+        i = data.draw(hs.sampled_from(startable))
+        assert upstream(deps, i, producers.__contains__, memo) == ancestors[i] & producers
+        done.add(i)
+        if makes_outputs[i]:
+            producers.add(i)
+            memo = {}  # a new producer: the engine drops the memo (producers_seq moved)
