@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -375,3 +376,24 @@ def test_a_job_squeue_no_longer_shows_asks_sacct(daemon: Callable[..., Daemon],
         f"attempt lost: Slurm job {job_id} ended (gone from the queue) without an exit "
         "record (is the state dir shared with the nodes?)")
     wait_until(lambda: not active_jobs({"renamed"}), 30, message="the renamed job to end")
+
+
+@pytest.mark.timeout(120)
+def test_cancel_of_a_pending_job_is_at_once(daemon: Callable[..., Daemon],
+                                            wfd_tmp: Path) -> None:
+    """A job still pending (held here) has no batch shell to signal: cancel ends it at once,
+    not after the step's kill_grace."""
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "s", "executor": "slurm", "kill_grace": 60, "command": "true",
+         "slurm": {"extra": ["--hold"]}}]})
+    d = daemon()
+    run_id = d.submit(wf)
+    job_id = wait_until(lambda: run_json(d, run_id)["steps"]["s"]["job_id"], 60, interval=0.2,
+                        message="the job id")
+    assert [row[1] for row in jobs_named() if row[0] == job_id] == ["PENDING"]
+    started = time.monotonic()
+    done = d.wfctl("cancel", run_id, timeout=90)
+    assert done.returncode == 0, done.stderr
+    assert time.monotonic() - started < 30  # well under kill_grace
+    assert run_json(d, run_id)["steps"]["s"]["state"] == "CANCELLED"
+    assert [row[1] for row in jobs_named() if row[0] == job_id] == ["CANCELLED"]

@@ -53,6 +53,7 @@ SBATCH_TIMEOUT = 60.0  # seconds one sbatch may take before its outcome counts a
 SQUEUE_TIMEOUT = 30.0
 RESUBMIT_AFTER = 90.0  # seconds after the intent before a job not found is submitted again
 ESCALATE_MARGIN = 2.0  # seconds past kill_grace before the whole job is killed
+STOP_UNREACHABLE = 10.0  # seconds a stop waits for a controller that does not answer
 GONE_CHECKS = 2  # looks that must find a job gone before it counts as lost (slow NFS)
 ENDED = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
                    "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "SPECIAL_EXIT", "REVOKED"})
@@ -243,8 +244,10 @@ class SlurmExecutor:
     def _send_kill(self, job: _Job) -> None:
         """Start (or go on with) the kill; what the controller refused is sent again at the
         next look."""
-        if job.job_id is None:
-            self._wake.set()  # the next look finds it, or finds there is none
+        if job.job_id is None or job.state is None:
+            # The next look finds the job (or finds there is none) and says whether it runs
+            # yet: `scancel --batch` of a pending job only retries until it times out.
+            self._wake.set()
             return
         if not job.kill_sent:
             job.kill_sent = True
@@ -268,15 +271,32 @@ class SlurmExecutor:
             log.warning("%s: scancel %s: %s", _name(job.key), " ".join(options), message)
             if unreachable_text(message):
                 self.unreachable = message
-                if not options or options[0] != "--batch":
+                if not options:
                     job.escalate_at = 0.0
                 else:
                     job.kill_sent = False  # send it again at the next look
+            elif options:  # no batch shell to signal (still pending): cancel it whole
+                job.escalate_at = 0.0
+            self._wake.set()
 
     async def stop_all(self, reason: str, force: bool = False) -> None:
+        """Kill every job and wait for their ends; while the controller does not answer
+        (for STOP_UNREACHABLE s), leave them: still RUNNING in the log, the next daemon
+        re-attaches to them."""
         for key in list(self.jobs):
             self.kill(key, reason, force)
-        await self._idle.wait()
+        unreachable_since = None
+        while not self._idle.is_set():
+            try:
+                await asyncio.wait_for(self._idle.wait(), POLL)
+            except asyncio.TimeoutError:
+                pass
+            now = time.monotonic()
+            unreachable_since = (unreachable_since or now) if self.unreachable else None
+            if unreachable_since is not None and now - unreachable_since > STOP_UNREACHABLE:
+                log.warning("stopping with %d Slurm job(s) left: the controller does not "
+                            "answer (%s)", len(self.jobs), self.unreachable)
+                return
 
     # -- re-attach --------------------------------------------------------------------
 
