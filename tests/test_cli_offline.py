@@ -669,13 +669,14 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     assert [k for k, _ in doc] == ["run_id", "name", "owner", "state", "created_at",
                                    "finished_at", "error", "steps", "schedule",
                                    "scheduled_at", "vars", "run_seconds", "running_since",
-                                   "waiting_for_resume"]
+                                   "waiting_for_resume", "description"]
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",
                                                     "depends_on", "cpu", "max_rss",
                                                     "containment", "executor", "job_id",
-                                                    "outputs", "exit_signal", "pool", "waiting"]
+                                                    "outputs", "exit_signal", "pool", "waiting",
+                                                    "description"]
     assert msgspec.json.decode(done.stdout, type=RunStatus) == status
 
 

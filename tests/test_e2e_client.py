@@ -18,10 +18,10 @@ TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 # SPEC 5's keys in its order, then those added since (issue 14: running time, signal name)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
-            "waiting_for_resume"]
+            "waiting_for_resume", "description"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id", "outputs",
-             "exit_signal"]
+             "exit_signal", "pool", "waiting", "description"]
 LIST_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
              "scheduled_at", "run_seconds", "running_since", "waiting_for_resume"]
 
@@ -106,7 +106,8 @@ def test_status_json_schema(daemon: Callable[..., Daemon], wfd_tmp: Path) -> Non
                        "error": "skipped: upstream step 'bad' failed", "depends_on": ["bad"],
                        "cpu": None, "max_rss": None, "containment": None,
                        "executor": None, "job_id": None, "outputs": {},
-                       "exit_signal": None}  # it never ran
+                       "exit_signal": None, "pool": None, "waiting": None,
+                       "description": ""}  # it never ran
     for step in (ok, bad):
         # what wait4 measured of its attempt (issue 12): CPU seconds and peak RSS in KiB
         assert isinstance(step["cpu"], float) and step["cpu"] >= 0, step
@@ -146,7 +147,9 @@ def test_status_tables(daemon: Callable[..., Daemon], wfd_tmp: Path) -> None:
     header = next(i for i, line in enumerate(lines) if line.startswith("STEP"))
     assert lines[header].split() == ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU",
                                      "ERROR"]
-    rows = {line.split()[0]: line.split() for line in lines[header + 1:]}
+    table = lines[header + 1:lines.index("", header)]  # under it: the failed step's tail
+    rows = {line.split()[0]: line.split() for line in table}
+    assert lines[lines.index("", header) + 1] == "bad (attempt 1) failed with no output"
     assert set(rows) == {"ok", "bad", "skipped"}
     assert rows["ok"][1:4] == ["SUCCEEDED", "1", "0"]
     assert rows["bad"][1:4] == ["FAILED", "1", "4"] and "exited with status 4" in \

@@ -824,10 +824,10 @@ def ordered(data: bytes) -> Any:
 # time, waiting_for_resume)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
-            "waiting_for_resume"]
+            "waiting_for_resume", "description"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id",
-             "outputs", "exit_signal", "pool", "waiting"]
+             "outputs", "exit_signal", "pool", "waiting", "description"]
 SUMMARY_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "schedule",
                 "scheduled_at", "run_seconds", "running_since", "waiting_for_resume"]
 
@@ -874,13 +874,14 @@ def test_run_status_values() -> None:
         "depends_on": [],
         "cpu": None, "max_rss": None, "containment": None,
         "executor": None, "job_id": None, "outputs": {}, "pool": None, "waiting": None,
+        "description": "",
     }
     assert status["steps"]["never"] == {
         "state": "SKIPPED", "attempts": 0, "exit_code": None, "started_at": None,
         "finished_at": ev.format_ts(T0 + 1), "error": "skipped: upstream step 'killed' failed",
         "depends_on": ["killed"], "cpu": None, "max_rss": None, "containment": None,
         "executor": None, "job_id": None, "outputs": {}, "exit_signal": None, "pool": None,
-        "waiting": None,
+        "waiting": None, "description": "",
     }
     assert status["steps"]["killed"]["exit_code"] == -9
     assert status["steps"]["killed"]["error"] == "killed by SIGKILL"

@@ -389,17 +389,26 @@ def _not_regular(mode: int) -> str:
 
 
 def load_workflow(path: str) -> tuple[str, Workflow]:
-    """Read and validate a workflow file: its text and the workflow. Problems are
-    reported as `FILE: problem`, one a line, and end the command with exit 2."""
-    data = read_workflow(path)
+    """Read and validate a workflow file (`-`: stdin), JSON or YAML: its JSON text and
+    the workflow. Problems are reported as `FILE: problem` (YAML: `FILE:LINE:COL:
+    problem`), one a line, and end the command with exit 2."""
+    data = read_stdin() if path == "-" else read_workflow(path)
+    from wfctl.yamlfile import is_yaml
     from wfd.errors import WorkflowInvalid
     from wfd.workflow import parse_workflow
 
+    doc = None
     try:
+        if is_yaml(path, data):
+            from wfctl.yamlfile import Document
+
+            doc = Document(data)
+            data = doc.text.encode()
         workflow = parse_workflow(data, default_name=_stem(path))
     except WorkflowInvalid as e:
         for problem in e.problems:
-            say(f"{path}: {problem}")
+            placed = problem if doc is None else doc.where(problem)
+            say(f"{path}:{placed}" if placed[:1].isdigit() else f"{path}: {placed}")
         raise _Exit(EXIT_USAGE) from None
     try:
         text = data.decode("utf-8")
@@ -409,7 +418,21 @@ def load_workflow(path: str) -> tuple[str, Workflow]:
 
 
 def _stem(path: str) -> str:
-    return os.path.splitext(os.path.basename(path))[0]
+    return "stdin" if path == "-" else os.path.splitext(os.path.basename(path))[0]
+
+
+def read_stdin() -> bytes:
+    """A workflow from stdin (`wfctl run -`), at most the frame limit."""
+    from wfd.protocol import MAX_FRAME
+
+    try:
+        data = sys.stdin.buffer.read(MAX_FRAME + 1)
+    except (OSError, AttributeError, ValueError) as e:
+        raise UsageError(f"cannot read stdin: {e}") from None
+    if len(data) > MAX_FRAME:
+        raise UsageError(f"stdin: too large (a workflow may have at most {MAX_FRAME} "
+                         "bytes, 16 MiB)")
+    return data
 
 
 def _print_json(obj: object) -> None:
@@ -480,7 +503,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         raise UsageError(f"{args.file}: its directory's path is not UTF-8, and the steps' "
                          "working directory travels to wfd as text")
     submit = protocol.Submit(
-        workflow=text, source=_as_text(os.path.basename(args.file)), base_dir=base_dir,
+        workflow=text, base_dir=base_dir,
+        source="stdin" if args.file == "-" else _as_text(os.path.basename(args.file)),
         env=submitted_env(), umask=umask, vars=variables, key=args.key,
     )
     size = len(protocol.encode_frame(submit)) - protocol.HEADER.size

@@ -156,6 +156,8 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
     elif status.waiting_for_resume:
         head += f"  (ran {run_duration(status, now)}; wfctl resume {status.run_id})"
     lines = [printable(head)]
+    if status.description:
+        lines.append(_one_line(status.description))
     if status.schedule is not None:
         lines.append(printable(f"schedule {status.schedule}  slot "
                                f"{local_time(status.scheduled_at)} ({status.scheduled_at})"))
@@ -183,6 +185,10 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
                for key, value in step.outputs.items()]
     if outputs:
         lines += ["", *table(["STEP", "OUTPUT"], outputs)]
+    described = [[step_id, _one_line(step.description)]
+                 for step_id, step in status.steps.items() if step.description]
+    if described:
+        lines += ["", *table(["STEP", "DESCRIPTION"], described)]
     return lines
 
 

@@ -161,6 +161,7 @@ class StepStatus(msgspec.Struct):
     # only because that pool is full, what it waits for: "pool db".
     pool: str | None = None
     waiting: str | None = None
+    description: str = ""  # the step's `description` (issue 14)
 
 
 class RunStatus(msgspec.Struct):
@@ -186,6 +187,7 @@ class RunStatus(msgspec.Struct):
     # Unfinished, and no daemon drives it (started with --no-resume): it waits for
     # `wfctl resume`/`resume-all`. Set by the daemon, not by the fold.
     waiting_for_resume: bool = False
+    description: str = ""  # the workflow's `description` (issue 14)
 
 
 class RunSummary(msgspec.Struct):
@@ -781,7 +783,7 @@ PoolFull = Callable[[str], bool]
 
 
 def step_status(rec: StepRec, depends_on: list[str] | None = None,
-                pool_full: PoolFull | None = None) -> StepStatus:
+                pool_full: PoolFull | None = None, description: str = "") -> StepStatus:
     waiting = None
     if rec.pool is not None and rec.state == READY and pool_full is not None \
             and pool_full(rec.pool):
@@ -793,7 +795,7 @@ def step_status(rec: StepRec, depends_on: list[str] | None = None,
         depends_on=depends_on or [], cpu=rec.cpu, max_rss=rec.max_rss,
         containment=rec.containment, executor=rec.executor, job_id=rec.job_id,
         outputs=rec.outputs,
-        pool=rec.pool, waiting=waiting,
+        pool=rec.pool, waiting=waiting, description=description,
     )
 
 
@@ -807,6 +809,7 @@ def run_status(run: RunState, steps: bool = True, pool_full: PoolFull | None = N
         steps=dict(step_statuses(run, pool_full)) if steps else {},
         schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
         run_seconds=round(run.ran, 6), running_since=_since(run),
+        description=run.workflow.description,
     )
 
 
@@ -821,8 +824,8 @@ def step_statuses(run: RunState, pool_full: PoolFull | None = None,
                   ) -> Iterator[tuple[str, StepStatus]]:
     """Each step's id and status, in file order, made as they are asked for."""
     for rec in run.steps.values():
-        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on),
-                                  pool_full)
+        step = run.workflow.steps[rec.index]
+        yield rec.id, step_status(rec, list(step.depends_on), pool_full, step.description)
 
 
 def run_summary(run: RunState) -> RunSummary:

@@ -182,6 +182,7 @@ class Step(_Model, frozen=True, gc=False):
     # "done" (all finished, whatever their state: cleanup), "failed" (all finished and
     # at least one FAILED or SKIPPED because of a failure: alerts). See state.py.
     run_if: str = "succeeded"
+    description: str = ""  # what the step is for, shown by `wfctl status` (issue 14)
 
 
 class Param(_Model, frozen=True):
@@ -213,6 +214,7 @@ class Workflow(_Model, frozen=True, gc=False):
     on_busy: str = "queue"
     # Declared parameters: when there are any, `wfctl run` variables must be among them.
     params: dict[str, Param] = {}
+    description: str = ""  # what the workflow is for, shown by `wfctl status` (issue 14)
 
 
 # ---------------------------------------------------------------------------
@@ -888,9 +890,16 @@ def _check_run_if(v: object) -> str:
     raise _bad('expected "succeeded", "done" or "failed"', v)
 
 
+def _check_description(v: object) -> str:
+    if type(v) is str:
+        return v
+    raise _bad("expected a string", v)
+
+
 _STEP_CHECKS: dict[str, Callable[[object], object]] = {
     "command": _check_command,
     "run_if": _check_run_if,
+    "description": _check_description,
     **_SHARED_CHECKS,
 }
 
@@ -906,6 +915,7 @@ _TOP_CHECKS: dict[str, Callable[[object], object]] = {
     "concurrency": _check_max_parallel,
     "on_busy": _check_on_busy,
     "params": _check_params,
+    "description": _check_description,
 }
 
 _ID_MATCH = STEP_ID_RE.fullmatch
@@ -1085,6 +1095,7 @@ class _Validator:
             concurrency=top.get("concurrency"),  # type: ignore[arg-type]
             on_busy=top.get("on_busy", "queue"),  # type: ignore[arg-type]
             params=top.get("params", {}),  # type: ignore[arg-type]
+            description=top.get("description", ""),  # type: ignore[arg-type]
         )
 
 
@@ -1173,6 +1184,7 @@ class _Merger:
             slurm=self._slurm(get("slurm")),  # type: ignore[arg-type]
             pool=get("pool", self.pool),  # type: ignore[arg-type]
             run_if=get("run_if", "succeeded"),  # type: ignore[arg-type]
+            description=get("description", ""),  # type: ignore[arg-type]
         )
 
     def _slurm(self, own: dict[str, object] | None) -> SlurmOptions | None:
