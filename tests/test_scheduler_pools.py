@@ -270,11 +270,11 @@ def test_fold_keeps_pool_counts_in_step_with_states() -> None:
     assert folded.pool_running == run.pool_running and folded.pool_ready == run.pool_ready
 
 
-def test_runs_waiting_for_a_full_pool_cost_nothing_while_it_stays_full() -> None:
-    """3,000 runs wait for a pool of one slot, held: the steps of another run end and
-    start, and each decision looks at a handful of runs, not at every waiter (they wait
-    as the pool's waiters, outside the start queues). When the slot frees, the next in
-    line starts (that wake looks at every waiter once: see the scheduler's docstring)."""
+def test_runs_waiting_for_a_full_pool_cost_their_users_not_their_number() -> None:
+    """3,000 runs of 7 users wait for a pool of one slot: while it is held, the steps of
+    another run end and start, and each decision looks at a handful of runs, not at
+    every waiter; each time the slot frees, the wake looks at about one run per waiting
+    user, and the next in line (round-robin across users) starts."""
     fleet = Fleet(limit=8)
     fleet.sched.set_pool("db", 1)
     for i in range(3000):
@@ -288,5 +288,8 @@ def test_runs_waiting_for_a_full_pool_cost_nothing_while_it_stays_full() -> None
         fleet.settle()
         assert len(fleet.runs.seen) < 10, len(fleet.runs.seen)
 
-    fleet.succeed("r0000")
-    assert fleet.settle() == ["r0001"]
+    for n in range(1, 30):
+        fleet.runs.seen.clear()
+        fleet.succeed(f"r{n - 1:04d}")
+        assert fleet.settle() == [f"r{n:04d}"]  # users 1000..1006 in turn, runs in order
+        assert len(fleet.runs.seen) < 40, len(fleet.runs.seen)

@@ -33,11 +33,11 @@ pools. A pool the daemon does not know has limit 0: its steps wait. Lowering a
 limit stops no running step; new ones wait until the pool is under it. Passing
 over READY steps of a full pool costs one look per step passed, in the run
 that starts. A run whose READY steps all wait costs nothing while its pools
-stay full; but a slot freed wakes every waiter of that pool, and the ones that
-still cannot start are looked at once more and go back to waiting: O(waiters)
-per freed slot (3,000 runs waiting for one pool: about 0.1 s each time), the
-price of keeping the round-robin exact. Waking only the fairest waiter needs a
-per-pool queue of users; not done.
+stay full. The waiters of a pool are kept per user, each user's in a heap by
+stamp: a freed slot (or a raised limit) queues each waiting user's least
+recently started run of the pool, and each start of a user queues that user's
+next one in every pool with room. So a wake costs the waiting users, not the
+waiting runs, and the round-robin stays exact.
 
 How a decision stays small
 --------------------------
@@ -123,13 +123,14 @@ class Decision:
 class _Driven:
     """What the scheduler keeps about one run it drives."""
 
-    __slots__ = ("uid", "stamp", "running", "pools", "queued", "wake")
+    __slots__ = ("uid", "stamp", "running", "pools", "queued", "wake", "waits")
 
     def __init__(self, uid: int, stamp: int) -> None:
         self.uid = uid
         self.stamp = stamp  # last start (or when it came to be driven)
         self.running = 0  # its RUNNING steps as last counted
         self.pools: dict[str, int] = {}  # its RUNNING steps per pool, as last counted
+        self.waits: set[str] = set()  # the pools whose waiters it is among
         self.queued = False  # has a live entry in its user's queue
         self.wake: float | None = None  # its live entry in the timer heap
 
@@ -197,7 +198,8 @@ class Scheduler:
         self.pools: dict[str, int] = dict(pools or {})  # pool -> limit; change: set_pool
         self._pool_running: dict[str, int] = {}  # RUNNING steps per pool, driven runs
         self._pool_taken: dict[str, int] = {}  # starts per pool in the decision under way
-        self._pool_waiters: dict[str, dict[str, None]] = {}  # pool -> runs waiting for it
+        # pool -> uid -> heap of (stamp, run id): that user's runs waiting for the pool
+        self._pool_waiters: dict[str, dict[int, list[tuple[int, str]]]] = {}
         self._driven: dict[str, _Driven] = {}
         self._users: dict[int, _User] = {}
         self._dirty: dict[str, None] = {}  # ordered, so decisions are deterministic
@@ -326,22 +328,59 @@ class Scheduler:
         return used < self.pools.get(pool, 0)
 
     def _wait_for_pools(self, run_id: str, run: RunState) -> None:
-        """The run cannot start a step now, perhaps for a full pool: wake it when one of
-        the pools of its READY steps frees a slot (a wake that finds nothing is cheap)."""
+        """The run cannot start a step now, perhaps for a full pool: note it among the
+        waiters of the pools of its READY steps, in its user's heap for each."""
+        driven = self._driven[run_id]
         for pool, ready in run.pool_ready.items():
-            if ready:
-                self._pool_waiters.setdefault(pool, {})[run_id] = None
+            if ready and pool not in driven.waits:
+                driven.waits.add(pool)
+                users = self._pool_waiters.setdefault(pool, {})
+                heapq.heappush(users.setdefault(driven.uid, []), (driven.stamp, run_id))
 
     def _wake_pool(self, pool: str) -> None:
-        """Queue again the runs that wait for `pool`, with the stamps they had."""
-        for run_id in self._pool_waiters.pop(pool, ()):
+        """The pool has room: queue again each waiting user's least recently started run
+        of it, so a wake costs the waiting users, not the waiting runs."""
+        for uid in list(self._pool_waiters.get(pool, ())):
+            self._wake_next(pool, uid)
+
+    def _wake_user(self, uid: int) -> None:
+        """The user started a step: in each pool with room, their next waiting run joins
+        the queue (the one queued for it may have been the run that started)."""
+        for pool in [p for p, users in self._pool_waiters.items() if uid in users]:
+            if self._pool_room(pool):
+                self._wake_next(pool, uid)
+
+    def _wake_next(self, pool: str, uid: int) -> None:
+        """Queue the user's least recently started run that waits for `pool` and can start
+        now; entries of runs dropped, queued meanwhile or restamped are put right."""
+        users = self._pool_waiters.get(pool)
+        heap = users.get(uid) if users is not None else None
+        if heap is None:
+            return
+        blocked = []  # waiting for something else too (max_parallel, another pool)
+        while heap:
+            stamp, run_id = heapq.heappop(heap)
             driven = self._driven.get(run_id)
-            if driven is None:
+            if driven is None or pool not in driven.waits:
+                continue  # dropped, or queued since
+            if driven.stamp != stamp:  # it started a step since: its place moved back
+                heapq.heappush(heap, (driven.stamp, run_id))
                 continue
-            user = self._users[driven.uid]
-            self._enqueue(run_id, self.runs[run_id], driven, user, 0)
+            run = self.runs[run_id]
+            if not self._startable(run, 0):
+                blocked.append((stamp, run_id))
+                continue
+            user = self._users[uid]
+            self._enqueue(run_id, run, driven, user, 0)
             if not user.queued:
                 self._offer(user, 0)
+            break
+        for entry in blocked:
+            heapq.heappush(heap, entry)
+        if not heap:
+            del users[uid]  # type: ignore[union-attr]
+            if not users:
+                del self._pool_waiters[pool]
 
     # ---- timers -------------------------------------------------------------------
 
@@ -403,6 +442,7 @@ class Scheduler:
             if run.pool_ready:
                 self._wait_for_pools(run_id, run)
             return
+        driven.waits.clear()  # queued: its waiter entries go stale
         driven.queued = True
         heapq.heappush(user.queue, (driven.stamp, run_id))
         if len(user.queue) > 2 * user.runs + 64:  # stale entries of dropped runs
@@ -452,6 +492,8 @@ class Scheduler:
             driven.stamp = user.stamp = next(self._stamps)
             self._dirty[run_id] = None  # the next decision sees what came of the start
             self._enqueue(run_id, run, driven, user, taken[run_id], cursor)
+            if self._pool_waiters:
+                self._wake_user(uid)
             self._offer(user, by_user[uid])
         self._pool_taken = {}  # counted as running from the next decision on
 
