@@ -275,16 +275,16 @@ def test_logs_follow_a_slurm_step(daemon: Callable[..., Daemon], wfd_tmp: Path) 
 @pytest.mark.timeout(180)
 def test_a_job_gone_without_its_record_is_lost(daemon: Callable[..., Daemon],
                                                wfd_tmp: Path) -> None:
-    """A job killed outright (its supervisor with it: no exit record) is lost and follows
+    """A job that ends without writing its exit record (here: a directory is in the
+    record's place, as when the node cannot write the state dir) is lost and follows
     on_lost: "rerun" runs it again; "fail" fails the step, saying why."""
+    d = daemon(start=False)
+    block = (f'mkdir "{d.state_dir}/runs/$WFD_RUN_ID/logs/$WFD_STEP_ID.$WFD_ATTEMPT.exit"')
     wf = write_workflow(wfd_tmp, {"defaults": {"executor": "slurm"}, "steps": [
-        {"id": "again", "command": '[ "$WFD_ATTEMPT" = 2 ] || sleep 300'},
-        {"id": "fails", "command": "sleep 300", "on_lost": "fail"}]})
-    d = daemon()
+        {"id": "again", "command": f'[ "$WFD_ATTEMPT" = 2 ] || {block}'},
+        {"id": "fails", "command": block, "on_lost": "fail"}]})
+    d.start()
     run_id = d.submit(wf)
-    for step in ("again", "fails"):
-        job_id = job_running(d, run_id, step)
-        subprocess.run(["scancel", "--signal=KILL", "--full", job_id], check=True, timeout=30)
     status = wait_for_state(d, run_id, "FAILED", timeout=90)
     again, fails = status["steps"]["again"], status["steps"]["fails"]
     assert (again["state"], again["attempts"]) == ("SUCCEEDED", 2), again
@@ -295,6 +295,7 @@ def test_a_job_gone_without_its_record_is_lost(daemon: Callable[..., Daemon],
     events = replay_events(d, run_id)
     assert ends_of(events, "again", 1) == ["AttemptInterrupted"]
     assert not active_jobs(job_names(events))
+    assert "cannot write the exit record" in d.wfctl("logs", run_id, "fails").stdout
 
 
 @pytest.mark.timeout(180)
