@@ -238,7 +238,7 @@ def _command_in(argv: list[str]) -> str | None:
 
 
 _JSON = (("--json",), {"action": "store_true", "help": "print JSON"})
-OFFLINE = frozenset({"validate"})  # commands that never talk to a daemon: no --socket
+OFFLINE = frozenset({"validate", "completion"})  # commands that never talk to a daemon: no --socket
 TAIL_LINES = 10
 _TAIL = (("--tail",), {"metavar": "N", "type": _count_or_zero, "default": TAIL_LINES,
                        "help": f"show the last N lines of each failed step's log under the "
@@ -330,6 +330,9 @@ _COMMANDS: list[tuple[str, str, list[tuple[tuple[str, ...], dict]]]] = [
                                "help": "columns (default: the terminal's)"})]),
     ("schedule", "run a workflow on a schedule: add, list, show, pause, unpause, rm, "
                  "update, fire", []),
+    ("completion", "print the shell completion script: wfctl completion bash > "
+                   "~/.local/share/bash-completion/completions/wfctl",
+     [(("shell",), {"choices": ("bash", "zsh", "fish"), "metavar": "bash|zsh|fish"})]),
     ("web", "serve a live web page of your runs on 127.0.0.1 (needs wfd[web])",
      [(("--port",), {"metavar": "N", "type": _port, "default": 0,
                      "help": "port (default: a free one)"}),
@@ -942,6 +945,13 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     return EXIT_CORRUPT if reply.problems else EXIT_OK
 
 
+def cmd_completion(args: argparse.Namespace) -> int:
+    from wfctl.completion import script
+
+    out(script(args.shell).rstrip("\n"))
+    return EXIT_OK
+
+
 def cmd_web(args: argparse.Namespace) -> int:
     try:
         from wfctl.web.app import serve
@@ -958,6 +968,7 @@ HANDLERS: dict[str, Callable[[argparse.Namespace], int]] = {
     "logs": cmd_logs, "retry": cmd_retry, "rerun": cmd_rerun, "prune": cmd_prune,
     "shutdown": cmd_shutdown, "pool": cmd_pool,
     "graph": cmd_graph, "timeline": cmd_timeline, "web": cmd_web,
+    "completion": cmd_completion,
     "schedule": lambda args: cmd_schedule(args),
 }
 
@@ -972,6 +983,10 @@ def cmd_schedule(args: argparse.Namespace) -> int:
 
 
 def _dispatch(argv: list[str]) -> int:
+    if "_ARGCOMPLETE" in os.environ:  # a shell asks for completions (wfctl completion)
+        from wfctl.completion import complete
+
+        complete(build_parser(None))
     parser = build_parser(argv)
     args, extra = parser.parse_known_args(argv)
     # KEY=VALUE words after an option (`run FILE --wait A=1`): argparse leaves them over.
