@@ -40,7 +40,8 @@ def test_retry_named_steps_and_downstream(daemon: Callable[..., Daemon], wfd_tmp
     assert refused.returncode == 2
     assert "step 'c' depends on 'b', which is FAILED: retry 'b' too" in refused.stderr
     unknown = d.wfctl("retry", run_id, "bb")
-    assert unknown.returncode == 2 and "has no step 'bb' (its steps: a, b, c, d)" in unknown.stderr
+    assert unknown.returncode == 2
+    assert "has no step 'bb'; did you mean 'b'? its steps: a, b, c, d" in unknown.stderr
 
     gate.touch()
     only_b = d.wfctl("retry", "chain@last", "b", "--wait")

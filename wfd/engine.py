@@ -983,8 +983,8 @@ class Engine:
             raise UsageError(f"run {run_id} is running; retry its steps once it has ended")
         unknown = [step for step in steps if step not in run.steps]
         if unknown:
-            raise UsageError(f"run {run_id} has no step {unknown[0]!r} (its steps: "
-                             f"{', '.join(run.steps)})")
+            raise UsageError(f"run {run_id} has no step {unknown[0]!r}"
+                             f"{st.near_step(unknown[0], run)}")
         chosen = st.downstream(run, steps) if downstream else list(dict.fromkeys(steps))
         problem = st.retry_problem(run, chosen)
         if problem is not None:

@@ -455,7 +455,7 @@ class Server:
         run = await self.run_for(peer, req.run_id)
         if not STEP_ID_RE.fullmatch(req.step) or req.step not in run.steps:
             raise Refused(f"run {run.run_id} has no step {_shown(req.step)}"
-                          f"{_near_step(req.step, run)}")
+                          f"{st.near_step(req.step, run)}")
         rec = run.steps[req.step]
         if req.attempt is not None and not 1 <= req.attempt <= rec.attempts:
             raise Refused(f"step {req.step} has no attempt {req.attempt} "
@@ -606,21 +606,6 @@ def vars_problems(variables: dict[str, str]) -> list[str]:
     problems += [f"vars[{name!r}]: WFD_* variables are set by wfd, not by the caller"
                  for name in variables if name.startswith("WFD_")]
     return problems
-
-
-STEPS_LISTED = 20  # an unknown step's error names at most this many of the run's steps
-
-
-def _near_step(step: str, run: st.RunState) -> str:
-    """`; did you mean 'load'? its steps: extract, transform, load` for an unknown step."""
-    import difflib
-
-    ids = list(run.steps)
-    near = difflib.get_close_matches(step, ids, n=1) if len(ids) <= 10_000 else []
-    text = f"; did you mean {near[0]!r}?" if near else ""
-    listed = ", ".join(ids[:STEPS_LISTED]) + (f", ... ({len(ids)} steps)"
-                                             if len(ids) > STEPS_LISTED else "")
-    return f"{text} its steps: {listed}" if near else f"; its steps: {listed}"
 
 
 def _tail_offset(path, lines: int) -> int:

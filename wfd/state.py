@@ -842,6 +842,23 @@ def _since(run: RunState) -> str | None:
     return None if run.finished else run.running_since
 
 
+STEPS_LISTED = 20  # an unknown step's error names at most this many of the run's steps
+
+
+def near_step(step: str, run: RunState) -> str:
+    """What follows "run R has no step 'lod'": `; did you mean 'load'? its steps:
+    extract, transform, load` (issue 14). The run's steps, at most STEPS_LISTED."""
+    import difflib
+
+    ids = list(run.steps)
+    near = (difflib.get_close_matches(step, ids, n=1)
+            if len(ids) <= 10_000 and len(step) <= 200 else [])
+    listed = ", ".join(ids[:STEPS_LISTED]) + (f", ... ({len(ids)} steps)"
+                                             if len(ids) > STEPS_LISTED else "")
+    return f"; did you mean {near[0]!r}? its steps: {listed}" if near else \
+        f"; its steps: {listed}"
+
+
 def signal_name(exit_code: int | None) -> str | None:
     """`SIGTERM` for exit code -15: the name of the signal a negative exit code stands
     for (`SIG42` for one Python has no name for); None for an exit status."""
