@@ -153,3 +153,28 @@ def test_logs_of_a_step_still_waiting(daemon: Callable[..., Daemon],
     blocker.touch()
     wait_for_state(d, run_id, *ENDED)
     assert d.wfctl("logs", run_id).stdout == ""  # neither step wrote anything
+
+
+@pytest.mark.timeout(120)
+def test_logs_follow_waits_through_a_queued_run(daemon: Callable[..., Daemon],
+                                                wfd_tmp: Path) -> None:
+    """A run QUEUED behind another (concurrency 1) is followed until it has run."""
+    gate = wfd_tmp / "gate"
+    wf = write_workflow(wfd_tmp, {"name": "one", "concurrency": 1, "steps": [
+        {"id": "s", "command": f'while [ ! -e {gate} ]; do sleep 0.05; done; '
+                               'echo "run $WFD_RUN_ID"'}]})
+    d = daemon()
+    first = d.submit(wf)
+    wait_until(lambda: run_json(d, first)["steps"]["s"]["state"] == "RUNNING", 20)
+    second = d.submit(wf)
+    assert run_json(d, second)["state"] == "QUEUED"
+    follow = d.popen("logs", second, "--follow")
+    try:
+        gate.touch()
+        out, err = follow.communicate(timeout=60)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+            follow.wait()
+    assert follow.returncode == 0, err
+    assert out == f"s | run {second}\n"

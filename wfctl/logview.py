@@ -131,6 +131,7 @@ class Interleaver:
 
 
 LIVE = frozenset({"RUNNING"})  # a step whose latest attempt may still write
+UNFINISHED = frozenset({"RUNNING", "QUEUED"})  # a run whose steps may still write
 
 
 def _label(step: str, attempt: int) -> str:
@@ -142,7 +143,7 @@ def all_logs(conn: Connection, run_id: str, follow: bool,
     """Print every step's output of the run; with `follow` until the run is over."""
     status = conn.call(protocol.Status(run_id=run_id), protocol.RunInfo).status  # type: ignore[attr-defined]
     view = Interleaver(conn, status.run_id, write)
-    while follow and status.state == "RUNNING":
+    while follow and status.state in UNFINISHED:
         view.pass_over(status, final=False)
         time.sleep(FOLLOW_POLL)
         status = conn.call(protocol.Status(run_id=status.run_id),
