@@ -167,7 +167,9 @@ def test_logs_follow_waits_through_a_queued_run(daemon: Callable[..., Daemon],
     first = d.submit(wf)
     wait_until(lambda: run_json(d, first)["steps"]["s"]["state"] == "RUNNING", 20)
     second = d.submit(wf)
-    assert run_json(d, second)["state"] == "QUEUED"
+    queued = run_json(d, second)
+    assert queued["state"] == "QUEUED" and queued["waiting_for_resume"] is False
+    assert "waiting for resume-all" not in d.wfctl("status").stdout
     follow = d.popen("logs", second, "--follow")
     try:
         gate.touch()
