@@ -669,7 +669,7 @@ def test_status_json_is_the_run_status_in_spec_order(wfctl: Callable, fake: Call
     assert [k for k, _ in doc] == ["run_id", "name", "owner", "state", "created_at",
                                    "finished_at", "error", "steps", "schedule",
                                    "scheduled_at", "vars", "run_seconds", "running_since",
-                                   "waiting_for_resume", "description"]
+                                   "waiting_for_resume", "description", "on_exit"]
     steps = dict(doc)["steps"]
     assert [k for k, _ in dict(steps)["load"]] == ["state", "attempts", "exit_code",
                                                     "started_at", "finished_at", "error",

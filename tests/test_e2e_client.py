@@ -18,7 +18,7 @@ TS_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z")
 # SPEC 5's keys in its order, then those added since (issue 14: running time, signal name)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
-            "waiting_for_resume", "description"]
+            "waiting_for_resume", "description", "on_exit"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id", "outputs",
              "exit_signal", "pool", "waiting", "description"]

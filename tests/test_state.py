@@ -824,7 +824,7 @@ def ordered(data: bytes) -> Any:
 # time, waiting_for_resume)
 RUN_KEYS = ["run_id", "name", "owner", "state", "created_at", "finished_at", "error", "steps",
             "schedule", "scheduled_at", "vars", "run_seconds", "running_since",
-            "waiting_for_resume", "description"]
+            "waiting_for_resume", "description", "on_exit"]
 STEP_KEYS = ["state", "attempts", "exit_code", "started_at", "finished_at", "error",
              "depends_on", "cpu", "max_rss", "containment", "executor", "job_id",
              "outputs", "exit_signal", "pool", "waiting", "description"]

@@ -167,20 +167,15 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
         lines.append(f"error: {printable(status.error)}")
     # A JOB column (executor and job id) only when some step went to a batch system.
     batch = any(step.executor for step in status.steps.values())
-    rows = [
-        [
-            step_id, step.state, str(step.attempts),
-            exit_cell(step.exit_code),
-            span(step.started_at, step.finished_at, now, step.state == RUNNING),
-            cpu_time(step.cpu),
-            *([_job_cell(step.executor, step.job_id)] if batch else []),
-            f"waiting for {step.waiting}" if step.waiting else step_error(step),
-        ]
-        for step_id, step in status.steps.items()
-    ]
+    rows = _step_rows(status.steps, now, batch)
     if rows:
         header = ["STEP", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU"]
         lines += table(header + (["JOB"] if batch else []) + ["ERROR"], rows)
+    # on_exit steps (issue 15): their own section, since they never decide the run's state.
+    exits = _step_rows(status.on_exit, now, False)
+    if exits:
+        header = ["ON EXIT", "STATE", "ATTEMPTS", "EXIT", "DURATION", "CPU", "ERROR"]
+        lines += ["", *table(header, exits)]
     outputs = [[step_id, f"{key}={_cut(value)}"] for step_id, step in status.steps.items()
                for key, value in step.outputs.items()]
     if outputs:
@@ -190,6 +185,21 @@ def run_lines(status: RunStatus, now: float | None) -> list[str]:
     if described:
         lines += ["", *table(["STEP", "DESCRIPTION"], described)]
     return lines
+
+
+def _step_rows(steps: dict[str, StepStatus], now: float | None, batch: bool,
+               ) -> list[list[str]]:
+    return [
+        [
+            step_id, step.state, str(step.attempts),
+            exit_cell(step.exit_code),
+            span(step.started_at, step.finished_at, now, step.state == RUNNING),
+            cpu_time(step.cpu),
+            *([_job_cell(step.executor, step.job_id)] if batch else []),
+            f"waiting for {step.waiting}" if step.waiting else step_error(step),
+        ]
+        for step_id, step in steps.items()
+    ]
 
 
 MAX_OUTPUT_SHOWN = 200  # characters of an output's value in `status` (--json has it all)

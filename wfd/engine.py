@@ -88,7 +88,8 @@ def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey,
     """Client env (variables meant for the daemon removed, the owner's passwd fields
     winning over the client's), then workflow env, then defaults.env and the step's env,
     then the run's KEY=VALUE vars, then the outputs of the steps upstream (`WFD_OUT_*`),
-    then the schedule's slot and the marks."""
+    then the schedule's slot, an on_exit step's WFD_RUN_STATE and WFD_FAILED_STEPS, and
+    the marks."""
     wf = run.workflow
     env = {
         k: v for k, v in ctx.sub.env.items()
@@ -102,6 +103,9 @@ def step_env(ctx: RunCtx, run: st.RunState, index: int, key: AttemptKey,
     if run.schedule is not None:
         env["WFD_SCHEDULE"] = run.schedule
         env["WFD_SCHEDULED_AT"] = st.slot_ts(run.slot) or ""
+    if index >= run.mains:  # an on_exit step: how the run ended
+        env["WFD_RUN_STATE"] = run.outcome()
+        env["WFD_FAILED_STEPS"] = " ".join(run.failed_steps())
     env[MARK_RUN], env[MARK_STEP], env[MARK_ATTEMPT] = key.marks()
     return env
 
@@ -531,7 +535,7 @@ class Engine:
         run = self.runs.get(key.run_id)
         rec = run.steps[key.step] if run is not None else None
         moved_on = rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt
-        if moved_on or run.cancelling or self.stopping:  # type: ignore[union-attr]
+        if moved_on or run.stops(rec) or self.stopping:  # type: ignore[union-attr, arg-type]
             self.committer.discard_log_fd(key)
             if not moved_on:
                 self.attempt_ended(key, None, "stop" if self.stopping else "cancel")
@@ -603,7 +607,7 @@ class Engine:
         rec = run.steps[key.step] if run is not None else None
         if rec is None or rec.state != st.RUNNING or rec.attempts != key.attempt:
             return
-        if run.cancelling or self.stopping:  # type: ignore[union-attr]
+        if run.stops(rec) or self.stopping:  # type: ignore[union-attr]
             self.attempt_ended(key, None, "stop" if self.stopping else "cancel")
             return
         self.executor.start(spec)
@@ -945,6 +949,8 @@ class Engine:
             return
         if run.cancelling:
             self.after_commit(lambda: self._force_kills(run_id))
+        elif run.main_open() == 0:
+            pass  # its outcome is fixed: the on_exit steps run on, and this waits for them
         elif run_id in self.sched:
             self._record(run_id, ev.RunCancelRequested, {})
             self.kick()
@@ -1072,7 +1078,7 @@ class Engine:
                 await self.executor.clear_stale(stale)
                 for key, *_ in stale:
                     self._interrupted(run, key, "daemon restarted")
-            if run_id in self._cancels and not (run.finished or run.cancelling):
+            if run_id in self._cancels and run.cancellable():
                 # before the run is driven again: no new attempt may start first
                 self._record(run_id, ev.RunCancelRequested, {})
             if run.finished:

@@ -162,7 +162,11 @@ class StepSkipped(Event, tag=True, kw_only=True):
 
 
 class RunCancelRequested(Event, tag=True, kw_only=True):
-    """Cancel asked: no new attempt starts; running trees are killed."""
+    """Cancel asked: no new attempt of a main step starts; their running trees are killed
+    (on_exit steps run after it). `reason`, when the daemon cancelled the run itself
+    (issue 15: `run timed out after N s`), is shown as the run's error."""
+
+    reason: str | None = None
 
 
 class StepCancelled(AttemptEnd, tag=True, kw_only=True):

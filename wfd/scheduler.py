@@ -418,7 +418,9 @@ class Scheduler:
     def _startable(self, run: RunState, taken: int, cursor: _Cursor | None = None) -> bool:
         """`taken`: steps of this run already started in this decision; `cursor`: its
         READY steps as this decision has gone through them."""
-        if run.finished or run.cancelling or len(run.ready) <= taken:
+        if run.finished or len(run.ready) <= taken:
+            return False
+        if run.cancelling and run.main_open():  # on_exit steps start after a cancel
             return False
         cap = run.workflow.max_parallel
         if cap is not None and run.counts[RUNNING] + taken >= cap:
@@ -530,8 +532,10 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
         add(Emit(run.run_id, ev.StepSkipped, fields))
     for step_id in run.promotable:
         add(Emit(run.run_id, ev.StepReady, {"step": step_id}))
-    # Cancelling: `_cancel` has recorded the waiting steps CANCELLED; no retry is due.
-    for step_id in () if run.cancelling else run.retry_wait:
+    # Cancelling: `_cancel` has recorded the waiting main steps CANCELLED; no retry is due.
+    for step_id in run.retry_wait:
+        if run.stops(run.steps[step_id]):
+            continue
         at = run.steps[step_id].retry_at_epoch
         if at <= now:
             add(Emit(run.run_id, ev.RetryDue, {"step": step_id}))
@@ -545,6 +549,14 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
             add(Kill(run.run_id, step_id, rec.attempts, "timeout"))
         elif wake is None or rec.deadline < wake:
             wake = rec.deadline
+    limit = run.workflow.timeout
+    if limit is not None and run.running_since is not None and run.cancellable():
+        at = ev.parse_ts(run.running_since) + limit
+        if at <= now:  # a hung run must not hold its schedule for ever
+            reason = f"run timed out after {limit:g} s"
+            add(Emit(run.run_id, ev.RunCancelRequested, {"reason": reason}))
+        elif wake is None or at < wake:
+            wake = at
     if run.all_terminal():
         add(Emit(run.run_id, ev.RunFinished, _finished_fields(run, now)))
     return wake
@@ -583,7 +595,12 @@ def admissions(runs: Iterable[RunState], waiting: Container[str]) -> list[str]:
 
 
 def _cancel(run: RunState, add: Callable[[Action], None]) -> None:
-    for rec in run.steps.values():
+    """A cancel stops the main steps; on_exit steps (the last ones) run after it, unless
+    the run was cancelled while QUEUED (it never started)."""
+    queued = run.state == QUEUED
+    if not run.main_open() and not queued:
+        return
+    for rec in itertools.islice(run.steps.values(), None if queued else run.mains):
         if rec.state in TERMINAL:
             continue
         if rec.state == RUNNING:
@@ -634,9 +651,10 @@ def outcome(
     exit 0 a failure with that error."""
     run_id = run.run_id
     base = {"step": step_id, "attempt": attempt}
-    if interrupted is not None and not run.cancelling:
+    cancelled = run.stops(run.steps[step_id])  # an on_exit step runs on after a cancel
+    if interrupted is not None and not cancelled:
         return Emit(run_id, ev.AttemptInterrupted, {**base, "reason": interrupted})
-    if run.cancelling:
+    if cancelled:
         return Emit(run_id, ev.StepCancelled, {**base, "exit_code": exit_code})
     if exit_code == 0 and not timed_out and start_error is None and output_error is None:
         return Emit(run_id, ev.AttemptSucceeded, {**base, "outputs": outputs} if outputs else base)

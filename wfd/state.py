@@ -14,6 +14,8 @@ Next to the states, a run keeps small indexes that are equally a function of
 the events (which steps are READY and in what order, which are RUNNING, which
 wait for a retry, which PENDING steps have their `run_if` met and need a
 `StepReady`, which can no longer meet it and need a `StepSkipped`).
+They let the scheduler decide in time proportional to what changed rather than
+to the size of the workflow, and they are rebuilt by the same fold on recovery.
 
 When a step PENDING waits on `run_if` (issue 15)
 ------------------------------------------------
@@ -33,9 +35,17 @@ not settled (`open`) and failing (`failing`); its rule is then decided:
 
 Whether a skip is a failure skip is thus a function of the final states of its
 dependencies, whatever the order they settled in. The run's outcome is FAILED
-iff a step FAILED; SKIPPED steps never decide it.
-They let the scheduler decide in time proportional to what changed rather than
-to the size of the workflow, and they are rebuilt by the same fold on recovery.
+iff a step FAILED; SKIPPED steps never decide.
+
+on_exit steps (issue 15)
+------------------------
+A workflow's `on_exit` steps come last in `workflow.steps` (the first
+`run.mains` are its steps proper). They have no dependencies: they wait PENDING
+until every main step is terminal, which fixes the run's outcome; then each
+whose `when` holds that outcome is promotable, the others skippable. A cancel
+(`RunCancelRequested`, legal only while a main step is unfinished) stops main
+steps only, so on_exit steps run after a cancel too. Their own states never
+change the outcome; `RunFinished` waits for them.
 
 `apply` mutates in place (recovery folds a million events; copying would cost
 more than the rest of it) but is deterministic: the same events give the same
@@ -44,6 +54,7 @@ state, which `fold` builds fresh.
 
 from __future__ import annotations
 
+import itertools
 import signal
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
@@ -188,6 +199,9 @@ class RunStatus(msgspec.Struct):
     # `wfctl resume`/`resume-all`. Set by the daemon, not by the fold.
     waiting_for_resume: bool = False
     description: str = ""  # the workflow's `description` (issue 14)
+    # The on_exit steps (issue 15), in file order, apart from `steps`: they run once the
+    # run has ended and never change its state. Always sent whole (they are few).
+    on_exit: dict[str, StepStatus] = {}
 
 
 class RunSummary(msgspec.Struct):
@@ -264,6 +278,8 @@ class RunState:
         "pool_ready", "pool_running",
         "producers", "producers_seq", "ran", "running_since", "resumed", "queue_key",
         "concurrency",
+        "producers", "producers_seq", "ran", "running_since", "resumed",
+        "mains", "exit_counts",
     )
 
     def __init__(self, workflow: Workflow) -> None:
@@ -307,6 +323,10 @@ class RunState:
             (PENDING, READY, RUNNING, RETRY_WAIT, *TERMINAL), 0
         )
         self.counts[PENDING] = len(self.steps)
+        # The steps proper come first; the on_exit steps after them, counted apart.
+        self.mains = len(self.steps) - workflow.exits
+        self.exit_counts: dict[str, int] = dict.fromkeys(self.counts, 0)
+        self.exit_counts[PENDING] = workflow.exits
         # Steps whose outputs are recorded, and the seq of the event that last changed
         # which ones are: what a step inherits is computed again only after that changes.
         self.producers: dict[str, None] = {}
@@ -319,13 +339,34 @@ class RunState:
     def all_terminal(self) -> bool:
         return sum(self.counts[s] for s in TERMINAL) == len(self.steps)
 
+    def main_open(self) -> int:
+        """Main steps (not on_exit) not terminal yet."""
+        done = sum(self.counts[s] - self.exit_counts[s] for s in TERMINAL)
+        return self.mains - done
+
+    def cancellable(self) -> bool:
+        """A cancel may be recorded: the run is not finished, not cancelled yet, and its
+        outcome not fixed (a main step is unfinished; on_exit steps are not cancelled)."""
+        return not self.finished and not self.cancelling and self.main_open() > 0
+
+    def stops(self, rec: StepRec) -> bool:
+        """A cancel stops this step: it is cancelling and `rec` is not an on_exit step, or
+        the run never started (cancelled while QUEUED: its on_exit steps do not run)."""
+        return self.cancelling and (rec.index < self.mains or self.state == QUEUED)
+
     def outcome(self) -> str:
-        """The run state its steps call for once all are terminal."""
-        if self.cancelling or self.counts[CANCELLED]:
+        """The run state its main steps call for once all are terminal (on_exit steps
+        never decide it)."""
+        if self.cancelling or self.counts[CANCELLED] - self.exit_counts[CANCELLED]:
             return CANCELLED
-        if self.counts[FAILED]:  # SKIPPED steps never decide (issue 15)
+        if self.counts[FAILED] - self.exit_counts[FAILED]:  # SKIPPED never decide (issue 15)
             return FAILED
         return SUCCEEDED
+
+    def failed_steps(self) -> list[str]:
+        """The main steps that FAILED, in file order (WFD_FAILED_STEPS of on_exit steps)."""
+        return [rec.id for rec in self.steps.values()
+                if rec.state == FAILED and rec.index < self.mains]
 
 
 # ---- apply ------------------------------------------------------------------
@@ -359,6 +400,9 @@ def _move(run: RunState, rec: StepRec, new: str) -> None:
     old = rec.state
     run.counts[old] -= 1
     run.counts[new] += 1
+    if rec.index >= run.mains:
+        run.exit_counts[old] -= 1
+        run.exit_counts[new] += 1
     rec.state = new
     for index, member in ((run.ready, READY), (run.running, RUNNING),
                           (run.retry_wait, RETRY_WAIT)):
@@ -424,16 +468,37 @@ def _judge(run: RunState, rec: StepRec) -> tuple[str, str | None] | None:
 
 
 def _rule_met(run: RunState, rec: StepRec) -> bool:
-    """Whether a step's `run_if` lets it become READY now."""
+    """Whether a step's `run_if` (an on_exit step: its `when`) lets it become READY now."""
+    if rec.index >= run.mains:
+        return _exit_due(run, rec)
     rule = run.workflow.steps[rec.index].run_if
     if rule == RUN_IF_SUCCEEDED:
         return rec.waiting == 0
     return rec.open == 0 and (rule == RUN_IF_DONE or rec.failing > 0)
 
 
+def _exit_due(run: RunState, rec: StepRec) -> bool:
+    when = run.workflow.steps[rec.index].when or ()
+    return run.main_open() == 0 and run.outcome() in when
+
+
+def _open_exit_phase(run: RunState) -> None:
+    """Every main step is terminal: each on_exit step whose `when` holds the outcome is
+    promotable, the others skippable."""
+    outcome = run.outcome()
+    for rec in list(run.steps.values())[run.mains:]:
+        if rec.state != PENDING:
+            continue
+        if _exit_due(run, rec):
+            run.promotable[rec.id] = None
+        else:
+            when = ", ".join(run.workflow.steps[rec.index].when or ())
+            run.skippable[rec.id] = ("", f"the run is {outcome}; on_exit when {when}")
+
+
 def _judge_roots(run: RunState) -> None:
     """Judge every PENDING step whose dependencies are all settled (a new or resumed run)."""
-    for rec in run.steps.values():
+    for rec in list(run.steps.values())[:run.mains]:
         if rec.state == PENDING and rec.open == 0 and not rec.settled:
             skip = _judge(run, rec)
             if skip is not None:
@@ -452,7 +517,7 @@ def _step_event(run: RunState, event: ev.Event) -> None:
     if run.state == QUEUED and kind is not ev.StepCancelled:
         raise _illegal(run, event, "while the run is QUEUED")
     if kind is ev.AttemptClaimed:
-        if run.cancelling:
+        if run.stops(rec):
             raise _illegal(run, event, "after the run was cancelled")
         _check_attempt(run, rec, event, rec.attempts + 1)
     elif kind in _ATTEMPT_EVENTS:
@@ -474,6 +539,9 @@ def _step_event(run: RunState, event: ev.Event) -> None:
         if new != CANCELLED and not rec.settled:
             failure = new == FAILED or (kind is ev.StepSkipped and event.reason is None)  # type: ignore[attr-defined]
             _settle(run, rec, failure, rec.id if new == FAILED else rec.origin)
+        if rec.index < run.mains and run.workflow.exits and run.main_open() == 0 \
+                and run.state != QUEUED:
+            _open_exit_phase(run)
 
 
 _ATTEMPT_EVENTS = frozenset({
@@ -610,11 +678,15 @@ def _run_dequeued(run: RunState, event: ev.RunDequeued) -> None:
 
 
 def _run_cancel(run: RunState, event: ev.RunCancelRequested) -> None:
-    if run.finished or run.cancelling:
-        raise _illegal(run, event, f"in run state {run.state}")
+    if not run.cancellable():
+        why = f"in run state {run.state}" if run.finished or run.cancelling else \
+            "with every main step ended"
+        raise _illegal(run, event, why)
     run.cancelling = True
     run.promotable.clear()
     run.skippable.clear()
+    if event.reason is not None:
+        run.error = event.reason
 
 
 def _run_finished(run: RunState, event: ev.RunFinished) -> None:
@@ -641,8 +713,10 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
             raise _illegal(run, event, f"with step {rec.id!r} in state {rec.state}")
     wf = run.workflow
     for rec in run.steps.values():
-        # A step with another run_if (cleanup, alert) runs again, also when it SUCCEEDED.
-        if rec.state == SUCCEEDED and wf.steps[rec.index].run_if == RUN_IF_SUCCEEDED:
+        # A step with another run_if (cleanup, alert) runs again, also when it SUCCEEDED,
+        # and so does an on_exit step: the resumed run ends again.
+        if (rec.state == SUCCEEDED and wf.steps[rec.index].run_if == RUN_IF_SUCCEEDED
+                and rec.index < run.mains):
             continue
         _move(run, rec, PENDING)
         _forget_outputs(run, rec, event.seq)
@@ -659,9 +733,12 @@ def _run_resumed(run: RunState, event: ev.RunResumed) -> None:
     run.state = RUNNING
     run.cancelling = False
     run.finished_at = None
+    run.error = None  # a run timeout's reason belongs to the run before the resume
     run.running_since = event.ts
     run.resumed = True
     _judge_roots(run)
+    if run.workflow.exits and run.main_open() == 0:  # cannot happen today; be sure
+        _open_exit_phase(run)
 
 
 def retry_problem(run: RunState, steps: Iterable[str]) -> str | None:
@@ -810,6 +887,8 @@ def run_status(run: RunState, steps: bool = True, pool_full: PoolFull | None = N
         schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
         run_seconds=round(run.ran, 6), running_since=_since(run),
         description=run.workflow.description,
+        on_exit={rec.id: step_status(rec, [], pool_full)
+                 for rec in itertools.islice(run.steps.values(), run.mains, None)},
     )
 
 
@@ -826,6 +905,11 @@ def step_statuses(run: RunState, pool_full: PoolFull | None = None,
     for rec in run.steps.values():
         step = run.workflow.steps[rec.index]
         yield rec.id, step_status(rec, list(step.depends_on), pool_full, step.description)
+    """Each step's id and status, in file order, made as they are asked for; not the
+    on_exit steps (`run_status` shows those apart)."""
+    for rec in itertools.islice(run.steps.values(), run.mains):
+        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on),
+                                  pool_full)
 
 
 def run_summary(run: RunState) -> RunSummary:
@@ -903,7 +987,9 @@ _DESCRIBE: dict[type[ev.Event], Callable[..., str]] = {
         f"{e.step}: SKIPPED (upstream {e.cause} failed)" if e.reason is None
         else f"{e.step}: SKIPPED ({e.reason})"
     ),
-    ev.RunCancelRequested: lambda e: "run: cancel requested",
+    ev.RunCancelRequested: lambda e: (
+        "run: cancel requested" if e.reason is None else f"run: cancelled ({e.reason})"
+    ),
     ev.StepCancelled: lambda e: f"{e.step}: CANCELLED",
     ev.RunFinished: lambda e: f"run: {e.state}",
     ev.RunResumed: lambda e: "run: RUNNING (resumed)",

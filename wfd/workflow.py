@@ -183,6 +183,9 @@ class Step(_Model, frozen=True, gc=False):
     # at least one FAILED or SKIPPED because of a failure: alerts). See state.py.
     run_if: str = "succeeded"
     description: str = ""  # what the step is for, shown by `wfctl status` (issue 14)
+    # An on_exit step (issue 15): the run states after which it runs; None for a step
+    # proper. On_exit steps have no depends_on and come last in `Workflow.steps`.
+    when: tuple[str, ...] | None = None
 
 
 class Param(_Model, frozen=True):
@@ -215,6 +218,11 @@ class Workflow(_Model, frozen=True, gc=False):
     # Declared parameters: when there are any, `wfctl run` variables must be among them.
     params: dict[str, Param] = {}
     description: str = ""  # what the workflow is for, shown by `wfctl status` (issue 14)
+    # The last `exits` of `steps` are the workflow's on_exit steps (issue 15).
+    exits: int = 0
+    # Seconds a run may take before the daemon cancels it (its on_exit steps still
+    # run); None: no limit. Counted from its creation or last resume.
+    timeout: float | None = None
 
 
 # ---------------------------------------------------------------------------
@@ -260,8 +268,11 @@ def build_workflow(
     name: str, max_parallel: int | None, env: dict[str, str], steps: tuple[Step, ...],
     *, concurrency: int | None = None, on_busy: str = "queue",
     params: dict[str, Param] | None = None,
+    on_exit: tuple[Step, ...] = (), timeout: float | None = None,
 ) -> Workflow:
-    """A Workflow from valid, merged Steps, with its derived fields computed."""
+    """A Workflow from valid, merged Steps (and on_exit steps, each with its `when`),
+    with its derived fields computed."""
+    steps = steps + on_exit
     index: dict[str, int] = {}
     for i, step in enumerate(steps):
         index.setdefault(step.id, i)
@@ -277,6 +288,8 @@ def build_workflow(
         concurrency=concurrency,
         on_busy=on_busy,
         params=params or {},
+        exits=len(on_exit),
+        timeout=timeout,
     )
 
 
@@ -916,6 +929,25 @@ _TOP_CHECKS: dict[str, Callable[[object], object]] = {
     "on_busy": _check_on_busy,
     "params": _check_params,
     "description": _check_description,
+    "timeout": _check_timeout,
+}
+
+RUN_ENDS = ("SUCCEEDED", "FAILED", "CANCELLED")
+
+
+def _check_when(v: object) -> tuple[str, ...]:
+    if type(v) is list and v and all(type(x) is str and x in RUN_ENDS for x in v) \
+            and len(set(v)) == len(v):
+        return tuple(v)  # type: ignore[arg-type]
+    raise _bad('expected a non-empty list of distinct run states out of "SUCCEEDED", '
+               '"FAILED" and "CANCELLED"', v)
+
+
+# An on_exit step's fields: a step's, but `when` for `depends_on` and `run_if`.
+_EXIT_CHECKS: dict[str, Callable[[object], object]] = {
+    "command": _check_command,
+    "when": _check_when,
+    **_SHARED_CHECKS,
 }
 
 _ID_MATCH = STEP_ID_RE.fullmatch
@@ -932,6 +964,7 @@ class _Validator:
         self.steps: list[dict[str, object]] = []
         self.first: dict[str, int] = {}  # step id -> index of its first step
         self.deps: list[list[int]] = []
+        self.exits: list[dict[str, object]] = []  # the on_exit steps, once valid
 
     def run(self, doc: object) -> Workflow:
         if type(doc) is not dict:
@@ -940,6 +973,8 @@ class _Validator:
             self.problems.append('$: missing required field "steps"')
         for key, value in doc.items():
             self._top_field(key, value)
+        if "on_exit" in doc:  # after the steps, whose ids it must not repeat
+            self._walk_exits(doc["on_exit"])
         dependents = _reverse(self.deps)
         self.problems.extend(check_cycles(self.deps, dependents, self._name))
         if self.problems:
@@ -952,6 +987,8 @@ class _Validator:
     def _top_field(self, key: str, value: object) -> None:
         if key == "steps":
             self._walk_steps(value)
+        elif key == "on_exit":
+            pass  # walked after every field: `run`
         elif key == "defaults":
             self.defaults = self._object(value, "$.defaults", _SHARED_CHECKS)
         elif key in _TOP_CHECKS:
@@ -1082,20 +1119,65 @@ class _Validator:
             self.problems.append(f"$.steps[{i}].depends_on[{j}]: {why}")
         return deps
 
+    def _walk_exits(self, exits: object) -> None:
+        """The on_exit steps: a step's fields but `when` for `depends_on` and `run_if`;
+        their ids share one space with the steps'."""
+        if type(exits) is not list:
+            self.problems.append(f"$.on_exit: expected a list of steps, got {_show(exits)}")
+            return
+        where = {sid: f"$.steps[{i}]" for sid, i in self.first.items()}
+        for j, step in enumerate(exits):
+            path = f"$.on_exit[{j}]"
+            if type(step) is not dict:
+                self.problems.append(f"{path}: expected an object, got {_show(step)}")
+                continue
+            for req in ("id", "command"):
+                if req not in step:
+                    self.problems.append(f'{path}: missing required field "{req}"')
+            for key, value in step.items():
+                if key == "id":
+                    self._check_exit_id(path, value, where)
+                elif key in ("depends_on", "run_if"):
+                    self.problems.append(f"{path}{_key(key)}: an on_exit step has no "
+                                         f"{key} (it runs once the run has ended)")
+                elif key not in _EXIT_CHECKS:
+                    self.problems.append(f"{path}{_key(key)}: unknown field")
+                else:
+                    self._field({}, key, value, path, _EXIT_CHECKS[key])
+        self.exits = exits
+
+    def _check_exit_id(self, path: str, sid: object, where: dict[str, str]) -> None:
+        if type(sid) is not str:
+            self.problems.append(f"{path}.id: expected a string, got {_show(sid)}")
+        elif not _ID_MATCH(sid):
+            self.problems.append(
+                f"{path}.id: invalid id {_show(sid)} (must match {STEP_ID_RE.pattern})")
+        elif sid in where:
+            self.problems.append(f"{path}.id: duplicate id {_show(sid)} (first at {where[sid]})")
+        else:
+            where[sid] = f"{path}"
+
     def _build(self, dependents: list[list[int]]) -> Workflow:
         top = self.top
+        merger = _Merger(self.defaults)
+        exits = tuple(merger.step(raw, when=RUN_ENDS) for raw in self.exits)
+        index = self.first  # ids are unique by now
+        for j, step in enumerate(exits):
+            index[step.id] = len(self.steps) + j
         return Workflow(
             name=top.get("name", self.default_name),  # type: ignore[arg-type]
             max_parallel=top.get("max_parallel"),  # type: ignore[arg-type]
             env=top.get("env", {}),  # type: ignore[arg-type]
-            steps=_Merger(self.defaults).steps(self.steps),
-            index=self.first,  # ids are unique by now
-            dependents=tuple(map(tuple, dependents)),
-            deps=tuple(map(tuple, self.deps)),
+            steps=merger.steps(self.steps) + exits,
+            index=index,
+            dependents=tuple(map(tuple, dependents)) + ((),) * len(exits),
+            deps=tuple(map(tuple, self.deps)) + ((),) * len(exits),
             concurrency=top.get("concurrency"),  # type: ignore[arg-type]
             on_busy=top.get("on_busy", "queue"),  # type: ignore[arg-type]
             params=top.get("params", {}),  # type: ignore[arg-type]
             description=top.get("description", ""),  # type: ignore[arg-type]
+            exits=len(exits),
+            timeout=top.get("timeout"),  # type: ignore[arg-type]
         )
 
 
@@ -1162,7 +1244,7 @@ class _Merger:
                 out.append(self.step(raw))
         return tuple(out)
 
-    def step(self, raw: dict[str, object]) -> Step:
+    def step(self, raw: dict[str, object], when: tuple[str, ...] | None = None) -> Step:
         command = raw["command"]
         get = raw.get
         timeout = get("timeout", self.timeout)
@@ -1185,6 +1267,7 @@ class _Merger:
             pool=get("pool", self.pool),  # type: ignore[arg-type]
             run_if=get("run_if", "succeeded"),  # type: ignore[arg-type]
             description=get("description", ""),  # type: ignore[arg-type]
+            when=tuple(get("when", when)) if when is not None else None,  # type: ignore[arg-type]
         )
 
     def _slurm(self, own: dict[str, object] | None) -> SlurmOptions | None:
