@@ -47,8 +47,9 @@ def make_step(step_id: str, *deps: str, retries: int = 0, timeout: float | None 
                 backoff=backoff or Backoff(initial=2.0, factor=2.0, max=60.0), run_if=run_if)
 
 
-def make_workflow(*steps: Step, max_parallel: int | None = None) -> Workflow:
-    return build_workflow("wf", max_parallel, {}, steps)
+def make_workflow(*steps: Step, max_parallel: int | None = None,
+                  on_exit: tuple[Step, ...] = ()) -> Workflow:
+    return build_workflow("wf", max_parallel, {}, steps, on_exit=on_exit)
 
 
 def independent(n: int, prefix: str = "s") -> Workflow:
@@ -165,7 +166,8 @@ class Sim:
         found: dict[int, list[str]] = {}
         for run_id, run in self.runs.items():
             uid, cap = self.owners[run_id], run.workflow.max_parallel
-            if (run_id not in self.sched or run.finished or run.cancelling or not run.ready
+            cancelled = run.cancelling and run.main_open()  # on_exit steps start after it
+            if (run_id not in self.sched or run.finished or cancelled or not run.ready
                     or cap is not None and run.counts[st.RUNNING] >= cap
                     or self.per_user is not None and running[uid] >= self.per_user):
                 continue
@@ -294,7 +296,7 @@ class Sim:
         self.advances += 1
         for run_id, when in self.cancel_at.items():
             run = self.runs[run_id]
-            if when == self.advances and not run.finished and not run.cancelling:
+            if when == self.advances and run.cancellable():
                 self.at_cancel[run_id] = {sid: rec.state for sid, rec in run.steps.items()}
                 self.emit(run_id, ev.RunCancelRequested)
 
@@ -323,7 +325,7 @@ class Sim:
         key = (attempt.run_id, attempt.step)
         assert ended.fields["step"] == attempt.step
         assert ended.fields["attempt"] == attempt.number
-        if run.cancelling:
+        if run.stops(run.steps[attempt.step]):  # not an on_exit step: they run on
             assert ended.kind is ev.StepCancelled
             assert ended.fields["exit_code"] == code
             return
@@ -376,7 +378,14 @@ def workflows(draw: hs.DrawFn, max_steps: int = 30) -> Workflow:
             backoff=backoff,
             run_if=draw(hs.sampled_from(rules)),
         ))
-    return make_workflow(*steps, max_parallel=draw(hs.none() | hs.integers(1, 4)))
+    ends = ["SUCCEEDED", "FAILED", "CANCELLED"]
+    on_exit = tuple(
+        Step(id=f"x{j}", command="true", retries=draw(hs.integers(0, 1)),
+             when=tuple(draw(hs.lists(hs.sampled_from(ends), min_size=1, unique=True))))
+        for j in range(draw(hs.sampled_from([0, 0, 1, 2])))
+    )
+    return make_workflow(*steps, max_parallel=draw(hs.none() | hs.integers(1, 4)),
+                         on_exit=on_exit)
 
 
 @hs.composite
@@ -411,12 +420,17 @@ def check_refold(sim: Sim, run_id: str) -> None:
     assert msgspec.json.encode(st.run_status(fresh)) == live
 
 
+def mains(workflow: Workflow) -> tuple[Step, ...]:
+    """The steps proper, without the on_exit steps (the last `exits`)."""
+    return workflow.steps[: len(workflow.steps) - workflow.exits]
+
+
 def expected_skips(workflow: Workflow, states: dict[str, str]) -> dict[str, bool]:
     """The steps `run_if` must have SKIPPED, given the states of those that ran, each with
     whether its skip counts as a failure; computed here from the rule as the README says
     it, in file order (a step's dependencies come before it in these workflows)."""
     skips: dict[str, bool] = {}
-    for step in workflow.steps:
+    for step in mains(workflow):
         failing = [d for d in step.depends_on if states[d] == st.FAILED or skips.get(d)]
         if step.run_if == "succeeded":
             if all(states[d] == st.SUCCEEDED for d in step.depends_on):
@@ -438,19 +452,39 @@ def check_ending(sim: Sim, run_id: str) -> None:
     assert skipped == set(skips)
     for sid, failure in skips.items():  # a skip because of a failure names the failure
         assert status.steps[sid].error.startswith("skipped: upstream step ") == failure
-    if all(s.run_if == "succeeded" for s in workflow.steps):  # as before run_if
+    if all(s.run_if == "succeeded" for s in mains(workflow)):  # as before run_if
         assert skipped == downstream(workflow, failed)
     assert not failed & skipped
-    assert all(states[s.id] == st.SUCCEEDED for s in workflow.steps
+    assert all(states[s.id] == st.SUCCEEDED for s in mains(workflow)
                if s.id not in failed | skipped)
     # The run's outcome: FAILED iff a step FAILED; SKIPPED steps never decide.
     assert status.state == (st.FAILED if failed else st.SUCCEEDED)
-    for step in workflow.steps:
+    check_exits(sim, run_id)
+    for step in mains(workflow):
         if states[step.id] == st.FAILED:
             assert status.steps[step.id].attempts == step.retries + 1
         if states[step.id] == st.SKIPPED:
             assert status.steps[step.id].attempts == 0
     assert isinstance(sim.streams[run_id][-1], ev.RunFinished)
+
+
+def check_exits(sim: Sim, run_id: str) -> None:
+    """on_exit steps ran, after every main step ended, iff their `when` holds the outcome;
+    they never changed it."""
+    workflow = sim.workflows[run_id]
+    status = sim.status(run_id)
+    stream = sim.streams[run_id]
+    assert set(status.on_exit) == {s.id for s in workflow.steps[len(status.steps):]}
+    mains_ended = max(e.seq for e in stream if getattr(e, "step", None) in status.steps
+                      and e.__class__ in (ev.AttemptSucceeded, ev.StepFailed, ev.StepSkipped,
+                                          ev.StepCancelled))
+    for step in workflow.steps[len(status.steps):]:
+        ran = status.state in step.when
+        assert status.on_exit[step.id].state in (
+            (st.SUCCEEDED, st.FAILED) if ran else (st.SKIPPED,))
+        claims = [e.seq for e in stream if isinstance(e, ev.AttemptClaimed) and e.step == step.id]
+        assert bool(claims) == ran
+        assert all(seq > mains_ended for seq in claims)
 
 
 def note_coverage(sim: Sim) -> None:
@@ -461,6 +495,7 @@ def note_coverage(sim: Sim) -> None:
         ran = {e.step for e in stream if isinstance(e, ev.AttemptClaimed)}
         rules = {s.run_if for s in sim.workflows[run_id].steps if s.id in ran}
         hypothesis.event(f"run_if that ran: {sorted(rules)}")
+        hypothesis.event(f"on_exit steps: {len(sim.status(run_id).on_exit)}")
         hypothesis.event(f"retries: {any(isinstance(e, ev.RetryDue) for e in stream)}")
     hypothesis.event(f"runs at once: {len(sim.runs)}")
     hypothesis.event(f"timeout kills: {bool(sim.kills)}")
@@ -501,11 +536,13 @@ def test_cancel_ends_every_unfinished_step_and_the_run_cancelled(
         return
     assert status.state == st.CANCELLED
     for sid, before in sim.at_cancel["r0"].items():
-        after = status.steps[sid].state
-        assert after == (before if before in st.TERMINAL else st.CANCELLED)
+        if sid in status.steps:
+            after = status.steps[sid].state
+            assert after == (before if before in st.TERMINAL else st.CANCELLED)
+    check_exits(sim, "r0")
     cancel_seq = next(e.seq for e in sim.streams["r0"] if isinstance(e, ev.RunCancelRequested))
-    assert not [e for e in sim.streams["r0"]
-                if isinstance(e, ev.AttemptClaimed) and e.seq > cancel_seq]
+    assert not [e for e in sim.streams["r0"] if isinstance(e, ev.AttemptClaimed)
+                and e.seq > cancel_seq and e.step in status.steps]
     killed = {k.step for k in sim.kills if k.run_id == "r0" and k.reason == "cancel"}
     assert killed == {sid for sid, before in sim.at_cancel["r0"].items() if before == st.RUNNING}
     for run_id in fleet:

@@ -1021,3 +1021,73 @@ def test_retry_refusals(steps: list[str], words: str) -> None:
 def test_retry_of_a_running_run_is_refused() -> None:
     story, _ = reach(st.RUNNING)
     assert_refused(story, ev.StepsRetried, "only a finished run", steps=["a"])
+# ---- on_exit steps and a run's timeout (issue 15) ----------------------------------------
+
+
+def exit_story() -> Story:
+    """main, then on_exit: notify (any end) and page (FAILED or CANCELLED only)."""
+    return Story(build_workflow("wf", None, {}, (make_step("main"),), on_exit=(
+        Step(id="notify", command="true", when=("SUCCEEDED", "FAILED", "CANCELLED")),
+        Step(id="page", command="true", when=("FAILED", "CANCELLED")),
+    ))).create()
+
+
+def test_on_exit_steps_wait_for_the_main_steps_and_follow_when() -> None:
+    story = exit_story()
+    assert list(story.run.promotable) == ["main"]
+    with pytest.raises(IllegalTransition, match="an on_exit step"):
+        st.apply(story.run, story.event(ev.StepReady, step="notify"))
+    story.ready("main")
+    story.succeed("main")
+
+    assert list(story.run.promotable) == ["notify"]
+    assert story.run.skippable == {
+        "page": ("", "the run is SUCCEEDED; on_exit when FAILED, CANCELLED")}
+    # The outcome is fixed: a cancel now is illegal (the on_exit steps may have seen it).
+    assert not story.run.cancellable()
+    with pytest.raises(IllegalTransition, match="with every main step ended"):
+        st.apply(story.run, story.event(ev.RunCancelRequested))
+    story.ready("notify")
+    story.fail("notify")  # a failing on_exit step changes nothing
+    story.emit(ev.StepSkipped, step="page", cause="",
+               reason="the run is SUCCEEDED; on_exit when FAILED, CANCELLED")
+    assert story.run.outcome() == st.SUCCEEDED
+    story.finish(st.SUCCEEDED)
+    status = st.run_status(story.run)
+    assert list(status.steps) == ["main"]
+    assert {sid: s.state for sid, s in status.on_exit.items()} == {
+        "notify": st.FAILED, "page": st.SKIPPED}
+
+
+def test_on_exit_steps_run_after_a_cancel_and_the_run_is_cancelled() -> None:
+    story = exit_story()
+    story.ready("main")
+    attempt = story.claim("main")
+    story.emit(ev.RunCancelRequested, reason="run timed out after 5 s")
+    assert st.run_status(story.run).error == "run timed out after 5 s"
+    assert story.run.stops(story.run.steps["main"])
+    assert not story.run.stops(story.run.steps["notify"])
+    story.emit(ev.StepCancelled, step="main", attempt=attempt, exit_code=-15)
+
+    assert list(story.run.promotable) == ["notify", "page"]
+    for step in ("notify", "page"):
+        story.ready(step)
+        story.succeed(step)  # claimed after the cancel: legal for an on_exit step
+    with pytest.raises(IllegalTransition):
+        st.apply(story.run, story.event(ev.RunFinished, state=st.SUCCEEDED))
+    story.finish(st.CANCELLED)
+    assert snapshot(st.fold(story.run.workflow, story.events)) == snapshot(story.run)
+
+    story.emit(ev.RunResumed)  # a resume runs them again once the run ends again
+    assert {sid: rec.state for sid, rec in story.run.steps.items()} == dict.fromkeys(
+        ("main", "notify", "page"), st.PENDING)
+    assert st.run_status(story.run).error is None
+
+
+def test_a_cancel_between_the_last_step_and_run_finished_still_folds_without_on_exit() -> None:
+    """Logs written before issue 15 may hold one: the run is then CANCELLED."""
+    story = Story(make_workflow(make_step("a"))).create()
+    story.ready("a")
+    story.succeed("a")
+    story.emit(ev.RunCancelRequested)
+    story.finish(st.CANCELLED)

@@ -1264,3 +1264,39 @@ def test_run_if_problems_are_reported_with_their_paths() -> None:
         "it would never run)",
         '$.steps[2].run_if: expected "succeeded", "done" or "failed", got 1',
     ]
+
+
+def test_on_exit_steps_come_last_with_defaults_merged_and_a_run_timeout() -> None:
+    wf = parse({"timeout": 90, "defaults": {"retries": 2}, "steps": [
+        {"id": "a", "command": "true"},
+    ], "on_exit": [
+        {"id": "notify", "command": "true"},
+        {"id": "page", "command": "true", "when": ["FAILED"], "retries": 0},
+    ]})
+    assert [s.id for s in wf.steps] == ["a", "notify", "page"]
+    assert (wf.exits, wf.timeout) == (2, 90.0)
+    assert wf.index == {"a": 0, "notify": 1, "page": 2}
+    assert wf.deps == ((), (), ()) and wf.dependents == ((), (), ())
+    assert [s.when for s in wf.steps] == [None, ("SUCCEEDED", "FAILED", "CANCELLED"),
+                                          ("FAILED",)]
+    assert [s.retries for s in wf.steps] == [2, 2, 0]
+
+
+def test_on_exit_problems_have_paths_and_ids_are_shared_with_steps() -> None:
+    assert problems({"steps": [
+        {"id": "a", "command": "true", "depends_on": ["n"]},
+    ], "on_exit": [
+        {"id": "n", "command": "true", "run_if": "done"},
+        {"id": "n", "when": []},
+        "x",
+    ]}) == [
+        '$.steps[0].depends_on[0]: unknown step "n"',
+        "$.on_exit[0].run_if: an on_exit step has no run_if (it runs once the run has ended)",
+        '$.on_exit[1]: missing required field "command"',
+        '$.on_exit[1].id: duplicate id "n" (first at $.on_exit[0])',
+        '$.on_exit[1].when: expected a non-empty list of distinct run states out of '
+        '"SUCCEEDED", "FAILED" and "CANCELLED", got []',
+        '$.on_exit[2]: expected an object, got "x"',
+    ]
+    assert problems({"steps": [{"id": "a", "command": "true"}], "on_exit": {}}) == [
+        "$.on_exit: expected a list of steps, got {}"]

@@ -949,7 +949,7 @@ class Engine:
             return
         if run.cancelling:
             self.after_commit(lambda: self._force_kills(run_id))
-        elif run.main_open() == 0:
+        elif not run.cancellable():
             pass  # its outcome is fixed: the on_exit steps run on, and this waits for them
         elif run_id in self.sched:
             self._record(run_id, ev.RunCancelRequested, {})

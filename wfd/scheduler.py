@@ -550,7 +550,8 @@ def _housekeeping(run: RunState, now: float, add: Callable[[Action], None]) -> f
         elif wake is None or rec.deadline < wake:
             wake = rec.deadline
     limit = run.workflow.timeout
-    if limit is not None and run.running_since is not None and run.cancellable():
+    if limit is not None and run.running_since is not None and run.cancellable() \
+            and run.main_open():  # once every step has ended, RunFinished is due
         at = ev.parse_ts(run.running_since) + limit
         if at <= now:  # a hung run must not hold its schedule for ever
             reason = f"run timed out after {limit:g} s"

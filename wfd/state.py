@@ -345,9 +345,13 @@ class RunState:
         return self.mains - done
 
     def cancellable(self) -> bool:
-        """A cancel may be recorded: the run is not finished, not cancelled yet, and its
-        outcome not fixed (a main step is unfinished; on_exit steps are not cancelled)."""
-        return not self.finished and not self.cancelling and self.main_open() > 0
+        """A cancel may be recorded: the run is not finished nor cancelled yet, and if it
+        has on_exit steps, its outcome is not fixed yet (a main step is unfinished): they
+        may have seen it. (Without on_exit steps, a cancel between the last step's end and
+        RunFinished makes the run CANCELLED, as it always did: old logs hold such ones.)"""
+        if self.finished or self.cancelling:
+            return False
+        return not self.workflow.exits or self.main_open() > 0
 
     def stops(self, rec: StepRec) -> bool:
         """A cancel stops this step: it is cancelling and `rec` is not an on_exit step, or
@@ -528,6 +532,8 @@ def _step_event(run: RunState, event: ev.Event) -> None:
         rule = run.workflow.steps[rec.index].run_if
         why = ("with dependencies not SUCCEEDED" if rule == RUN_IF_SUCCEEDED
                else f"whose run_if {rule!r} is not met")
+        if rec.index >= run.mains:
+            why = "(an on_exit step) whose when does not hold, or before the steps ended"
         raise _illegal(run, event, f"for step {rec.id!r} {why}")
     _STEP_EFFECTS[kind](run, rec, event)
     if isinstance(event, ev.AttemptEnd) and event.cpu is not None:
