@@ -893,7 +893,8 @@ def run_status(run: RunState, steps: bool = True, pool_full: PoolFull | None = N
         schedule=run.schedule, scheduled_at=slot_ts(run.slot), vars=run.vars,
         run_seconds=round(run.ran, 6), running_since=_since(run),
         description=run.workflow.description,
-        on_exit={rec.id: step_status(rec, [], pool_full)
+        on_exit={rec.id: step_status(rec, [], pool_full,
+                                     run.workflow.steps[rec.index].description)
                  for rec in itertools.islice(run.steps.values(), run.mains, None)},
     )
 
@@ -907,15 +908,11 @@ def slot_ts(slot: float | None) -> str | None:
 
 def step_statuses(run: RunState, pool_full: PoolFull | None = None,
                   ) -> Iterator[tuple[str, StepStatus]]:
-    """Each step's id and status, in file order, made as they are asked for."""
-    for rec in run.steps.values():
-        step = run.workflow.steps[rec.index]
-        yield rec.id, step_status(rec, list(step.depends_on), pool_full, step.description)
     """Each step's id and status, in file order, made as they are asked for; not the
     on_exit steps (`run_status` shows those apart)."""
     for rec in itertools.islice(run.steps.values(), run.mains):
-        yield rec.id, step_status(rec, list(run.workflow.steps[rec.index].depends_on),
-                                  pool_full)
+        step = run.workflow.steps[rec.index]
+        yield rec.id, step_status(rec, list(step.depends_on), pool_full, step.description)
 
 
 def run_summary(run: RunState) -> RunSummary:

@@ -947,6 +947,7 @@ def _check_when(v: object) -> tuple[str, ...]:
 _EXIT_CHECKS: dict[str, Callable[[object], object]] = {
     "command": _check_command,
     "when": _check_when,
+    "description": _check_description,
     **_SHARED_CHECKS,
 }
 
@@ -1141,7 +1142,8 @@ class _Validator:
                     self.problems.append(f"{path}{_key(key)}: an on_exit step has no "
                                          f"{key} (it runs once the run has ended)")
                 elif key not in _EXIT_CHECKS:
-                    self.problems.append(f"{path}{_key(key)}: unknown field")
+                    self.problems.append(f"{path}{_key(key)}: "
+                                         f"{unknown_field(key, ['id', *_EXIT_CHECKS])}")
                 else:
                     self._field({}, key, value, path, _EXIT_CHECKS[key])
         self.exits = exits
