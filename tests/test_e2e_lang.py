@@ -9,7 +9,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from helpers import Daemon, replay_events, run_json, wait_for_state, write_workflow
+from helpers import (
+    Daemon,
+    replay_events,
+    run_json,
+    wait_for_state,
+    wait_until,
+    write_workflow,
+)
 
 DUMP_ENV = ["python3", "-c",
             "import json, os, sys; json.dump(dict(os.environ), open(sys.argv[1], 'w'))"]
@@ -174,3 +181,56 @@ def test_on_exit_problems_are_reported_with_their_paths(
         f'{wf}: $.on_exit[1].when: expected a non-empty list of distinct run states out of '
         '"SUCCEEDED", "FAILED" and "CANCELLED", got ["DONE"]',
     ]
+
+
+@pytest.mark.timeout(180)
+def test_an_on_exit_step_survives_a_kill_9_of_the_daemon_and_the_run_then_finishes(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    """Durable like any step: the daemon dies while an on_exit step runs; the next daemon
+    re-attaches to it (it runs under the keeper), records its end, then RunFinished."""
+    seen = wfd_tmp / "seen"
+    wf = write_workflow(wfd_tmp, {"steps": [{"id": "main", "command": "exit 1"}], "on_exit": [
+        {"id": "notify", "command": f'echo "$WFD_ATTEMPT $WFD_RUN_STATE" >> {seen}; '
+                                    f"while [ ! -f {wfd_tmp / 'go'} ]; do sleep 0.05; done"},
+    ]})
+    d = daemon()
+    run_id = d.submit(wf)
+    wait_until(lambda: seen.exists() and seen.read_text() == "1 FAILED\n", 30,
+               message="the on_exit step to start")
+    d.kill()
+    d.start()
+    assert run_json(d, run_id)["state"] == "RUNNING"  # RunFinished waits for notify
+    (wfd_tmp / "go").touch()
+
+    status = wait_for_state(d, run_id, "FAILED", timeout=60)
+    assert status["on_exit"]["notify"]["state"] == "SUCCEEDED"
+    assert status["on_exit"]["notify"]["attempts"] == 1  # re-attached, not run again
+    assert seen.read_text() == "1 FAILED\n"
+
+
+@pytest.mark.timeout(120)
+def test_resume_runs_cleanup_and_alert_steps_again(
+    daemon: Callable[..., Daemon], wfd_tmp: Path,
+) -> None:
+    fixed = wfd_tmp / "fixed"
+    wf = write_workflow(wfd_tmp, {"steps": [
+        {"id": "dump", "command": f"test -f {fixed}"},
+        {"id": "cleanup", "command": "true", "depends_on": ["dump"], "run_if": "done"},
+        {"id": "alert", "command": "true", "depends_on": ["dump"], "run_if": "failed"},
+    ], "on_exit": [{"id": "notify", "command": "true"}]})
+    d = daemon()
+    done = d.wfctl("run", str(wf), "--wait")
+    assert done.returncode == 1, done.stderr
+    run_id = done.stdout.strip()
+    fixed.touch()
+
+    resumed = d.wfctl("resume", run_id)
+    assert resumed.returncode == 0, resumed.stderr
+
+    status = wait_for_state(d, run_id, "SUCCEEDED", timeout=60)
+    steps = status["steps"]
+    assert (steps["dump"]["state"], steps["dump"]["attempts"]) == ("SUCCEEDED", 2)
+    assert (steps["cleanup"]["state"], steps["cleanup"]["attempts"]) == ("SUCCEEDED", 2)
+    assert (steps["alert"]["state"], steps["alert"]["attempts"]) == ("SKIPPED", 1)
+    assert status["on_exit"]["notify"]["attempts"] == 2  # the resumed run ended again
