@@ -809,6 +809,7 @@ def _steps_retried(run: RunState, event: ev.StepsRetried) -> None:
     run.state = RUNNING
     run.cancelling = False
     run.finished_at = None
+    run.error = None  # a run timeout's reason belongs to the run before the retry
     run.running_since = event.ts
     run.resumed = True
     _judge_roots(run)

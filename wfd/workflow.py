@@ -221,7 +221,8 @@ class Workflow(_Model, frozen=True, gc=False):
     # The last `exits` of `steps` are the workflow's on_exit steps (issue 15).
     exits: int = 0
     # Seconds a run may take before the daemon cancels it (its on_exit steps still
-    # run); None: no limit. Counted from its creation or last resume.
+    # run); None: no limit. Counted from when it last started running (creation,
+    # leaving the queue, resume, retry: the fold's `running_since`).
     timeout: float | None = None
 
 
