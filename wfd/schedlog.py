@@ -10,6 +10,7 @@ off before the next append; a damaged line elsewhere stops the daemon's start
 from __future__ import annotations
 
 import collections
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,14 +117,16 @@ class ScheduleLog:
         self.path = state_dir / FILE
         self.book = Book()
         self._log: AppendLog | None = None
+        self._missing = False
 
     def load(self) -> Book:
-        """Fold the file (made empty if missing); cut a torn tail. ScheduleLogDamaged if
-        a line other than the last is damaged."""
+        """Fold the file (none yet is an empty book); cut a torn tail. ScheduleLogDamaged
+        if a line other than the last is damaged."""
         try:
             data = read_file(self.path)
         except FileNotFoundError:
-            write_new_file(self.path, b"")
+            # Made by the first append: a state dir that never had a schedule holds no file.
+            self._missing = True
             data = b""
         read = parse_log(data, ev.schedule_decoder)
         if read.problem is not None:
@@ -139,6 +142,16 @@ class ScheduleLog:
         """Durable (fsync'd) when it returns; call it from a worker thread. The events are
         applied to the book by the caller, on the loop, once this returned."""
         assert self._log is not None
+        if self._missing:
+            write_new_file(self.path, b"")
+            _fsync_dir(self.path.parent)  # the new name must survive a crash, as its lines
+            self._missing = False
         self._log.append(b"".join(ev.encode_line(e) for e in events))
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
