@@ -78,6 +78,7 @@ import re
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import msgspec
 
@@ -662,16 +663,17 @@ _SLURM_CHECKS: dict[str, Callable[[object], object]] = {
 }
 
 
-def _check_slurm(v: object) -> dict[str, object]:
-    """The Slurm options given, checked; merged field by field later."""
+def _check_fields(v: object, checks: dict[str, Callable[[object], Any]]) -> dict[str, Any]:
+    """An object of optional fields, each checked by its own function; every problem
+    reported with its path. What is given is merged field by field later."""
     if type(v) is not dict:
         raise _bad("expected an object", v)
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     items: list[tuple[str, str]] = []
     for key, value in v.items():
-        check = _SLURM_CHECKS.get(key)
+        check = checks.get(key)
         if check is None:
-            items.append((_key(key), unknown_field(key, _SLURM_CHECKS)))
+            items.append((_key(key), unknown_field(key, checks)))
             continue
         try:
             out[key] = check(value)
@@ -680,6 +682,10 @@ def _check_slurm(v: object) -> dict[str, object]:
     if items:
         raise _Bad(items)
     return out
+
+
+def _check_slurm(v: object) -> dict[str, object]:
+    return _check_fields(v, _SLURM_CHECKS)
 
 
 def _check_initial(v: object) -> float:
@@ -862,23 +868,7 @@ _BACKOFF_CHECKS: dict[str, Callable[[object], float]] = {
 
 
 def _check_backoff(v: object) -> dict[str, float]:
-    """The backoff fields given, checked; merged field by field later."""
-    if type(v) is not dict:
-        raise _bad("expected an object", v)
-    out: dict[str, float] = {}
-    items: list[tuple[str, str]] = []
-    for key, value in v.items():
-        check = _BACKOFF_CHECKS.get(key)
-        if check is None:
-            items.append((_key(key), unknown_field(key, _BACKOFF_CHECKS)))
-            continue
-        try:
-            out[key] = check(value)
-        except _Bad as e:
-            items.extend((_key(key) + sub, why) for sub, why in e.items)
-    if items:
-        raise _Bad(items)
-    return out
+    return _check_fields(v, _BACKOFF_CHECKS)
 
 
 # Fields `defaults` may set; a step may set these too.
