@@ -54,6 +54,7 @@ SAMPLES: list[ev.Event] = [
                          token="3f2c0a"),
     ev.AttemptSubmitted(seq=16, ts=TS, step="clean", attempt=2, job_id="4711"),
     ev.StepsRetried(seq=17, ts=TS, steps=["load", "report"]),
+    ev.RunDequeued(seq=18, ts=TS),
 ]
 N = len(SAMPLES)
 

@@ -150,6 +150,29 @@ def write_new_file(path: os.PathLike | str, data: bytes, mode: int = 0o600) -> N
         os.close(fd)
 
 
+def fsync_dir(path: os.PathLike | str) -> None:
+    """Make the names in a directory durable (a new or renamed file's entry)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def replace_file(path: str, data: bytes) -> None:
+    """Put `data` at `path` whole or not at all, durably: a temporary file beside it
+    (a stale one from a crash is replaced), fsync'd, renamed over `path`, the directory
+    fsync'd."""
+    tmp = f"{path}.tmp"
+    try:
+        os.unlink(tmp)
+    except FileNotFoundError:
+        pass
+    write_new_file(tmp, data)
+    os.replace(tmp, path)
+    fsync_dir(os.path.dirname(path) or ".")
+
+
 def read_file(path: os.PathLike | str, limit: int | None = None) -> bytes:
     fd = open_file(path, os.O_RDONLY)
     with os.fdopen(fd, "rb") as f:

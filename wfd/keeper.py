@@ -43,7 +43,7 @@ from pathlib import Path
 
 import msgspec
 
-from wfd.eventlog import Layout
+from wfd.eventlog import Layout, fsync_dir
 from wfd.executor import AttemptKey, AttemptSpec, StartFailed
 from wfd.outfile import OutputDirs, OutputFile
 from wfd.outputs import OutputInvalid, parse_outputs
@@ -296,14 +296,6 @@ class Journal:
                 self.path.unlink()
             except OSError:
                 pass
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Keeper:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import msgspec
 
-from wfd.eventlog import open_file
+from wfd.eventlog import open_file, replace_file
 from wfd.workflow import MAX_PARALLEL, POOL_RE
 
 FILE_NAME = "pools.json"
@@ -112,22 +112,4 @@ class PoolLimits:
         self.limits[name] = limit
 
     def _write(self, content: PoolFile) -> None:
-        tmp = self.path.with_name(FILE_NAME + ".tmp")
-        try:
-            tmp.unlink()
-        except FileNotFoundError:
-            pass
-        fd = open_file(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL)
-        try:
-            data = memoryview(msgspec.json.encode(content) + b"\n")
-            while data:
-                data = data[os.write(fd, data):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, self.path)
-        dir_fd = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        replace_file(str(self.path), msgspec.json.encode(content) + b"\n")

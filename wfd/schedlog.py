@@ -10,12 +10,11 @@ off before the next append; a damaged line elsewhere stops the daemon's start
 from __future__ import annotations
 
 import collections
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from wfd import events as ev
-from wfd.eventlog import AppendLog, parse_log, read_file, write_new_file
+from wfd.eventlog import AppendLog, fsync_dir, parse_log, read_file, write_new_file
 from wfd.schedules import Policy, Timing
 
 FILE = "schedules.jsonl"
@@ -144,14 +143,6 @@ class ScheduleLog:
         assert self._log is not None
         if self._missing:
             write_new_file(self.path, b"")
-            _fsync_dir(self.path.parent)  # the new name must survive a crash, as its lines
+            fsync_dir(self.path.parent)  # the new name must survive a crash, as its lines
             self._missing = False
         self._log.append(b"".join(ev.encode_line(e) for e in events))
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

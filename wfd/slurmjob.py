@@ -46,21 +46,10 @@ class JobSpec(msgspec.Struct, kw_only=True):
 
 
 def write_record(path: str, record: object) -> None:
-    """Whole or not at all: a temporary file, synced, renamed, the directory synced."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
-    try:
-        os.write(fd, msgspec.json.encode(record) + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
-    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    """Whole or not at all, durably (the daemon may read it at any moment)."""
+    from wfd.eventlog import replace_file
+
+    replace_file(path, msgspec.json.encode(record) + b"\n")
 
 
 async def supervise(spec: JobSpec) -> object:
