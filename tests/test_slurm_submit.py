@@ -128,3 +128,14 @@ def test_a_system_daemon_refuses_slurm_steps(daemon: Callable[..., Daemon],
     assert done.returncode == 2, (done.stdout, done.stderr)
     assert done.stderr == ("wfctl: Slurm steps need a wfd in user mode (its state dir shared "
                            "with the nodes, docs/slurm.md); this one runs in system mode\n")
+
+
+def test_the_resubmit_wait_defaults_to_slurm_resubmit_after() -> None:
+    from wfd.daemon import parse_args
+    from wfd.slurm import RESUBMIT_AFTER, SlurmExecutor
+
+    assert RESUBMIT_AFTER == 90.0
+    assert parse_args([]).slurm_resubmit_after == RESUBMIT_AFTER
+    assert parse_args(["--slurm-resubmit-after", "5"]).slurm_resubmit_after == 5.0
+    noop = lambda *_: None  # noqa: E731
+    assert SlurmExecutor(noop, noop, noop, noop).resubmit_after == RESUBMIT_AFTER

@@ -40,7 +40,7 @@ from wfd.pools import BadPools, PoolLimits, parse_option
 from wfd.schedlog import ScheduleLog, ScheduleLogDamaged
 from wfd.scheduling import Scheduling
 from wfd.server import Server
-from wfd.slurm import SlurmExecutor
+from wfd.slurm import RESUBMIT_AFTER, SlurmExecutor
 
 log = logging.getLogger("wfd")
 
@@ -106,6 +106,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         metavar="SIZE",
                         help="cut a step's log that grows past SIZE (100M, 1G; 0: no cap) "
                              "with a marker line (default 100M)")
+    parser.add_argument("--slurm-resubmit-after", type=float, default=RESUBMIT_AFTER,
+                        metavar="SECONDS",
+                        help="how long after its intent a Slurm job that the controller "
+                             "does not know (its daemon died around sbatch) is submitted "
+                             "again; longer than sbatch can take on your cluster "
+                             f"(default {RESUBMIT_AFTER:g})")
     parser.add_argument("--pool", action="append", default=[], metavar="NAME=N",
                         help="a pool of N slots that steps naming it (\"pool\": \"NAME\") "
                              "share across all runs and users; repeatable. `wfctl pool set "
@@ -298,7 +304,7 @@ class Daemon:
         executor = KeptExecutor(self.state_dir, engine.attempt_started, engine.attempt_ended)
         engine.executor = Executors(executor, SlurmExecutor(
             engine.attempt_submitted, engine.attempt_ended, engine.attempt_lost,
-            engine.respawn))
+            engine.respawn, resubmit_after=self.args.slurm_resubmit_after))
         try:
             await executor.connect()
         except KeeperUnavailable as exc:

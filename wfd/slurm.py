@@ -18,8 +18,9 @@ nothing fails for it.
 Nothing is submitted twice: a job whose submission was cut short (the daemon died
 after the intent, `sbatch` timed out or could not reach the controller) is looked
 up by name until the controller answers; only once it says there is no such job,
-and `RESUBMIT_AFTER` has passed since the intent (an `sbatch` left running by a dead
-daemon may still get through), is the attempt submitted again, under the same name.
+and `RESUBMIT_AFTER` (`wfd --slurm-resubmit-after`) has passed since the intent
+(an `sbatch` left running by a dead daemon may still get through), is the attempt
+submitted again, under the same name.
 
 A kill is `scancel --batch --signal=TERM` (the supervisor gives the step SIGTERM,
 then SIGKILL after its kill_grace), then `scancel` of the whole job once the grace
@@ -150,8 +151,10 @@ class SlurmExecutor:
 
     def __init__(self, on_submitted: Callable[[AttemptKey, str], None],
                  on_end: Callable[..., None], on_lost: Callable[[AttemptKey, str], None],
-                 on_resubmit: Callable[[AttemptKey], None]) -> None:
+                 on_resubmit: Callable[[AttemptKey], None],
+                 resubmit_after: float = RESUBMIT_AFTER) -> None:
         self.on_submitted = on_submitted
+        self.resubmit_after = resubmit_after  # `wfd --slurm-resubmit-after`
         self.on_end = on_end
         self.on_lost = on_lost
         self.on_resubmit = on_resubmit  # a re-attached job found never submitted: start it
@@ -418,7 +421,7 @@ class SlurmExecutor:
     def _never_accepted(self, job: _Job, now: float) -> None:
         if job.killing is not None:
             self._end(job, None, job.killing, None)
-        elif now < job.intent_at + RESUBMIT_AFTER:
+        elif now < job.intent_at + self.resubmit_after:
             return  # a dead daemon's sbatch may still get through: wait, look again
         elif job.spec is not None:
             log.info("%s: no Slurm job by its name; submitting it again", _name(job.key))
