@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
+import psutil
 import pytest
 from helpers import REPO, Daemon, wait_until, write_workflow
 
@@ -103,6 +105,33 @@ def test_supervisor_timeout_and_sigterm(tmp_path: Path) -> None:
     trap_record = json.loads((tmp_path / "trap.exit").read_text())
     assert (trap_record["why"], trap_record["exit_code"]) == ("terminated", 3)
     assert (tmp_path / "trap.log").read_text() == "up\ngot TERM\n"
+
+
+@pytest.mark.timeout(60)
+def test_a_sigterm_to_the_whole_tree_is_the_daemons_kill(tmp_path: Path) -> None:
+    """Slurm signals the batch step's whole tree: the step may die of the SIGTERM before
+    the supervisor's handler runs; the record must still say "terminated" (the daemon's
+    kill, whose reason it knows), not an exit of its own."""
+    spec = JobSpec(run_id="r", step="s", attempt=1, argv=["/bin/sh", "-c", "echo up; sleep 60"],
+                   env={"PATH": "/usr/bin:/bin", "WFD_RUN_ID": "r", "WFD_STEP_ID": "s",
+                        "WFD_ATTEMPT": "1"},
+                   cwd=str(tmp_path), umask=0o22, kill_grace=5.0,
+                   log=str(tmp_path / "s.log"), record=str(tmp_path / "s.exit"))
+    proc = subprocess.Popen([sys.executable, "-m", "wfd.slurmjob"], stdin=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert proc.stdin is not None
+    proc.stdin.write(msgspec.json.encode(spec) + b"\n")
+    proc.stdin.close()
+    log = tmp_path / "s.log"
+    wait_until(lambda: log.exists() and "up" in log.read_text(), 20, message="the step to run")
+    tree = psutil.Process(proc.pid).children(recursive=True)
+    assert tree
+    for child in tree:  # the step first, as a racing delivery may order it
+        child.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+    record = json.loads((tmp_path / "s.exit").read_text())
+    assert (record["why"], record["exit_code"]) == ("terminated", -15)
 
 
 SLURM_WF = {"steps": [{"id": "s", "command": "true", "executor": "slurm"}]}

@@ -104,6 +104,12 @@ async def supervise(spec: JobSpec) -> object:
     if spec.timeout is not None:
         loop.call_later(spec.timeout, executor.kill, key, "timeout")
     exit_code, kill_reason, start_error, usage = await ended
+    # Slurm signals the batch step's whole tree (proctrack), so the step may die of the
+    # SIGTERM before our handler has run: let a pending handler run, and count a death
+    # that came with it as the daemon's kill, whose reason the daemon knows.
+    await asyncio.sleep(0.05)
+    if terminated and kill_reason is None and start_error is None and exit_code != 0:
+        kill_reason = "terminated"
     cpu, max_rss = usage or (0.0, 0)
     why = "start-failed" if start_error is not None else (kill_reason or "exited")
     outputs, output_error = read_outputs(outfile, exit_code == 0 and why == "exited")
